@@ -1,0 +1,348 @@
+"""BertModel and the task models: the one core plus a head plus HF's loss, each a few lines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BertConfig
+from .nn.embeddings import BertEmbeddings
+from .nn.heads import BertOnlyMLMHead, BertOnlyNSPHead, BertPooler, BertPreTrainingHeads
+from .nn.layer import BertEncoder
+from .nn.masks import build_attention_mask
+from .outputs import (BaseModelOutput, CausalLMOutput, LogitsOutput, PreTrainingOutput,
+                      QuestionAnsweringOutput)
+from .pretrained import BertPreTrainedModel
+
+
+def _check_inputs(config: BertConfig, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                  past_length: int) -> None:
+    """Turns every bad input into a ValueError that names it (never an IndexError or a device assert)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:-1])
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {shape}")
+    if input_ids is not None:
+        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            if lo < 0 or hi >= config.vocab_size:
+                bad = int(hi) if hi >= config.vocab_size else int(lo)
+                raise ValueError(
+                    f"input_ids contains {bad} but vocab_size is {config.vocab_size}; ids must be in "
+                    f"[0, {config.vocab_size}) (was the text tokenized with this model's tokenizer?)"
+                )
+    elif inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(f"inputs_embeds has width {inputs_embeds.shape[-1]} but hidden_size is {config.hidden_size}")
+    if attention_mask is not None:
+        ok = tuple(attention_mask.shape) in ((shape[0], past_length + shape[1]),
+                                             (shape[0], shape[1], past_length + shape[1]))
+        if not ok:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {shape}"
+                + (f" (plus {past_length} cached positions)" if past_length else "")
+                + "; it must be (batch, seq_len) or (batch, seq_len, seq_len)"
+            )
+    if token_type_ids is not None:
+        if tuple(token_type_ids.shape) != shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but input_ids has shape {shape}")
+        if token_type_ids.numel():
+            lo, hi = torch.aminmax(token_type_ids)
+            if lo < 0 or hi >= config.type_vocab_size:
+                raise ValueError(
+                    f"token_type_ids contains {int(hi) if hi >= config.type_vocab_size else int(lo)} but "
+                    f"type_vocab_size is {config.type_vocab_size}"
+                )
+    if position_ids is not None and tuple(position_ids.shape) not in (shape, (1, shape[1]), (shape[1],)):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has shape {shape}")
+    if config.position_embedding_type == "absolute":
+        longest = past_length + shape[1]
+        if position_ids is not None and position_ids.numel():
+            longest = int(position_ids.max()) + 1
+        if longest > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {longest} exceeds max_position_embeddings={config.max_position_embeddings}; "
+                f"truncate the input (tokenizer(..., truncation=True, max_length={config.max_position_embeddings}))"
+            )
+
+
+def _head_mask(head_mask, config: BertConfig, dtype):
+    # (H,) applies to every layer, (num_layers, H) per layer; shaped to broadcast over (B, H, Q, K).
+    if head_mask is None:
+        return None
+    if head_mask.dim() == 1:
+        head_mask = head_mask.unsqueeze(0).expand(config.num_hidden_layers, -1)
+    if head_mask.dim() != 2 or head_mask.shape[0] != config.num_hidden_layers:
+        raise ValueError(
+            f"head_mask has shape {tuple(head_mask.shape)}; use (num_heads,) or "
+            f"(num_hidden_layers={config.num_hidden_layers}, num_heads)"
+        )
+    return head_mask[:, None, :, None, None].to(dtype)
+
+
+class BertModel(BertPreTrainedModel):
+    """The encoder (or decoder, with ``config.is_decoder``), with an optional pooler.
+
+    ``forward`` returns a :class:`BaseModelOutput` with ``last_hidden_state`` and ``pooler_output``
+    (``outputs[0]``, ``outputs[1]``), plus ``hidden_states`` / ``attentions`` / ``cross_attentions``
+    / ``past_key_values`` when asked for.
+    """
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        config = self.config
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
+        _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_length)
+        use_cache = (config.use_cache if use_cache is None else use_cache) and config.is_decoder
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length)
+        batch, seq_len = embeddings.shape[:2]
+        mask, row_keep = build_attention_mask(attention_mask, batch, seq_len, past_length + seq_len,
+                                              embeddings.dtype, embeddings.device, causal=config.is_decoder,
+                                              past_length=past_length)
+        encoder_mask = encoder_row_keep = None
+        if encoder_hidden_states is not None:
+            if encoder_attention_mask is not None and encoder_attention_mask.shape[-1] != encoder_hidden_states.shape[1]:
+                raise ValueError(
+                    f"encoder_attention_mask has shape {tuple(encoder_attention_mask.shape)} but "
+                    f"encoder_hidden_states has {encoder_hidden_states.shape[1]} positions"
+                )
+            encoder_mask, encoder_row_keep = build_attention_mask(
+                encoder_attention_mask, batch, seq_len, encoder_hidden_states.shape[1], embeddings.dtype,
+                embeddings.device)
+        sequence, hidden, attentions, cross, presents = self.encoder(
+            embeddings, mask, encoder_hidden_states, encoder_mask, _head_mask(head_mask, config, embeddings.dtype),
+            past_key_values, row_keep, encoder_row_keep, bool(output_attentions), bool(output_hidden_states),
+            use_cache)
+        pooled = self.pooler(sequence) if self.pooler is not None else None
+        out = BaseModelOutput(sequence, pooled, presents, hidden, attentions, cross)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class _WithBert(BertPreTrainedModel):
+    """A task model: ``self.bert`` plus a head; passes the encoder's optional outputs through."""
+
+    def _bert(self, input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+              output_attentions, output_hidden_states, **extra):
+        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, **extra)
+
+    def _dropout(self) -> nn.Dropout:
+        p = self.config.classifier_dropout
+        return nn.Dropout(self.config.hidden_dropout_prob if p is None else p)
+
+    @staticmethod
+    def _finish(out, return_dict):
+        return out if return_dict is not False else out.to_tuple()
+
+
+class BertForPreTraining(_WithBert):
+    """Masked LM + next-sentence prediction; loss is their sum when both label sets are given."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        scores, nsp = self.cls(out.last_hidden_state, out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = F.cross_entropy(scores.view(-1, self.config.vocab_size), labels.view(-1)) + \
+                F.cross_entropy(nsp.view(-1, 2), next_sentence_label.view(-1))
+        return self._finish(PreTrainingOutput(loss, scores, nsp, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForMaskedLM(_WithBert):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                         encoder_attention_mask=encoder_attention_mask)
+        scores = self.cls(out.last_hidden_state)
+        loss = None
+        if labels is not None:  # -100 marks positions that are not predicted
+            loss = F.cross_entropy(scores.view(-1, self.config.vocab_size), labels.view(-1))
+        return self._finish(LogitsOutput(loss, scores, out.hidden_states, out.attentions), return_dict)
+
+
+class BertLMHeadModel(_WithBert):
+    """Left-to-right LM (``config.is_decoder=True``): loss on logits shifted by one position."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None):
+        if labels is not None:
+            use_cache = False
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                         encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
+                         use_cache=use_cache)
+        logits = self.cls(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            shifted = logits[:, :-1].float()
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                                   label_smoothing=self.config.label_smoothing)
+        return self._finish(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
+                                           out.cross_attentions), return_dict)
+
+
+class BertForNextSentencePrediction(_WithBert):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        logits = self.cls(out.pooler_output)
+        loss = F.cross_entropy(logits.view(-1, 2), labels.view(-1)) if labels is not None else None
+        return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+def sequence_classification_loss(config: BertConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's rule: 1 label = regression, integer labels = single-label, otherwise multi-label (BCE)."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+        config.problem_type = problem
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class BertForSequenceClassification(_WithBert):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        self.dropout = self._dropout()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForMultipleChoice(_WithBert):
+    """Inputs are (batch, num_choices, seq_len); each choice is scored from its pooled output."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.dropout = self._dropout()
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None or ref.dim() < 3:
+            raise ValueError("BertForMultipleChoice expects input_ids of shape (batch, num_choices, seq_len)")
+        num_choices = ref.shape[1]
+
+        def flat(t):
+            return t.reshape(-1, *t.shape[2:]) if t is not None else None
+
+        out = self._bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), head_mask,
+                         flat(inputs_embeds), output_attentions, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output)).view(-1, num_choices)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForTokenClassification(_WithBert):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = self._dropout()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+        return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class BertForQuestionAnswering(_WithBert):
+    """Span start/end logits; gold positions outside the input are clamped to ``seq_len`` and ignored."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None):
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+                         output_attentions, output_hidden_states)
+        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.shape[1]
+            start_positions = start_positions.reshape(-1).clamp(0, ignored)
+            end_positions = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start, start_positions, ignore_index=ignored)
+                    + F.cross_entropy(end, end_positions, ignore_index=ignored)) / 2
+        return self._finish(QuestionAnsweringOutput(loss, start, end, out.hidden_states, out.attentions), return_dict)

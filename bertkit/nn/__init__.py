@@ -1,0 +1,1 @@
+"""The one core: embeddings, attention, layer, encoder, heads."""
