@@ -1,0 +1,1 @@
+"""Conversion tables, one module per foreign checkpoint format (see ``bertkit.checkpoints.convert``)."""
