@@ -272,7 +272,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("intermediate", config.intermediate_size), ("vocab", config.vocab_size),
             ("max positions", config.max_position_embeddings), ("norm placement", norm),
             ("activation", config.hidden_act), ("positions", config.position_embedding_type),
-            ("parameters", f"{params:,} ({params / 1e6:.1f}M, stored as {dtype})")]
+            ("parameters", f"{params:,} ({params / 1e6:.1f}M, " if params >= 10**5 else f"{params:,} (")
+             + f"stored as {dtype})")]
     if (folder / "modules.json").is_file():
         rows.append(("sentence pipeline", f"{'+'.join(meta['pooling'])} pooling, "
                      f"{'normalized' if meta['normalize'] else 'not normalized'}, "
@@ -281,6 +282,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- convert
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    # Each source format is a nested subcommand whose arguments and function live with its
+    # converter in bertkit.checkpoints (they set `func`).
+    from .checkpoints.tf import add_tf_arguments
+
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    add_tf_arguments(formats.add_parser(
+        "tf", help="Google BERT TensorFlow checkpoint -> HuggingFace folder",
+        description="Convert a Google BERT TensorFlow checkpoint (no TensorFlow needed) into a folder with "
+                    "config.json and model.safetensors that bertkit and transformers load."))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Runs the converter chosen by the FORMAT subcommand."""
+    return args.func(args)
 
 
 # ---------------------------------------------------------------------------------------- table
@@ -308,7 +327,12 @@ COMMANDS: dict[str, Command] = {
         examples="  bertkit info                     # the bundled model\n"
                  "  bertkit info ./bert-base-uncased",
         arguments=_info_arguments, run=cmd_info),
-    # "convert": the TF checkpoint conversion (`bertkit convert tf ...`) from bertkit.checkpoints goes here.
+    "convert": Command(
+        help="convert a checkpoint from another format",
+        description="Convert a checkpoint into a HuggingFace-layout folder (config.json + model.safetensors).",
+        examples="  bertkit convert tf uncased_L-12_H-768_A-12/bert_model.ckpt bert-base-uncased \\\n"
+                 "      --config uncased_L-12_H-768_A-12/bert_config.json",
+        arguments=_convert_arguments, run=cmd_convert),
 }
 
 
