@@ -251,6 +251,10 @@ def _stored_parameters(folder: Path) -> tuple[int, str]:
     return sum(t.numel() for t in seen.values()), dtypes.most_common(1)[0][0] if dtypes else "-"
 
 
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M, " if count >= 10**5 else ""
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Prints a summary of a model folder's configuration and size."""
     from .config import BertConfig
@@ -272,8 +276,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("intermediate", config.intermediate_size), ("vocab", config.vocab_size),
             ("max positions", config.max_position_embeddings), ("norm placement", norm),
             ("activation", config.hidden_act), ("positions", config.position_embedding_type),
-            ("parameters", f"{params:,} ({params / 1e6:.1f}M, " if params >= 10**5 else f"{params:,} (")
-             + f"stored as {dtype})")]
+            ("parameters", f"{params:,} ({_millions(params)}stored as {dtype})")]
     if (folder / "modules.json").is_file():
         rows.append(("sentence pipeline", f"{'+'.join(meta['pooling'])} pooling, "
                      f"{'normalized' if meta['normalize'] else 'not normalized'}, "
