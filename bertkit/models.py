@@ -14,6 +14,7 @@ from .nn.masks import build_attention_mask
 from .outputs import (BaseModelOutput, CausalLMOutput, LogitsOutput, PreTrainingOutput,
                       QuestionAnsweringOutput)
 from .pretrained import BertPreTrainedModel
+from .utils import get_head_mask
 
 
 def _check_inputs(config: BertConfig, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
@@ -73,14 +74,13 @@ def _head_mask(head_mask, config: BertConfig, dtype):
     # (H,) applies to every layer, (num_layers, H) per layer; shaped to broadcast over (B, H, Q, K).
     if head_mask is None:
         return None
-    if head_mask.dim() == 1:
-        head_mask = head_mask.unsqueeze(0).expand(config.num_hidden_layers, -1)
-    if head_mask.dim() != 2 or head_mask.shape[0] != config.num_hidden_layers:
+    if head_mask.dim() not in (1, 2) or head_mask.shape[-1] != config.num_attention_heads or (
+            head_mask.dim() == 2 and head_mask.shape[0] != config.num_hidden_layers):
         raise ValueError(
-            f"head_mask has shape {tuple(head_mask.shape)}; use (num_heads,) or "
-            f"(num_hidden_layers={config.num_hidden_layers}, num_heads)"
+            f"head_mask has shape {tuple(head_mask.shape)}; use ({config.num_attention_heads},) or "
+            f"({config.num_hidden_layers}, {config.num_attention_heads}) (num_hidden_layers, num_attention_heads)"
         )
-    return head_mask[:, None, :, None, None].to(dtype)
+    return get_head_mask(head_mask, config.num_hidden_layers, dtype=dtype)
 
 
 class BertModel(BertPreTrainedModel):
@@ -114,6 +114,12 @@ class BertModel(BertPreTrainedModel):
                                               past_length=past_length)
         encoder_mask = encoder_row_keep = None
         if encoder_hidden_states is not None:
+            width = config.encoder_width or config.hidden_size
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[-1] != width:
+                raise ValueError(
+                    f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)} but cross-attention "
+                    f"expects (batch, seq_len, {width}) (config.encoder_width or hidden_size)"
+                )
             if encoder_attention_mask is not None and encoder_attention_mask.shape[-1] != encoder_hidden_states.shape[1]:
                 raise ValueError(
                     f"encoder_attention_mask has shape {tuple(encoder_attention_mask.shape)} but "

@@ -136,6 +136,22 @@ class BertPreTrainedModel(nn.Module):
         self.tie_weights()
         return new
 
+    def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
+        """Removes attention heads, ``{layer: [heads]}`` in the original numbering.
+
+        The pruned heads are recorded in ``config.pruned_heads``, so ``save_pretrained`` /
+        ``from_pretrained`` rebuild the smaller layers. Pruning every head of a layer is allowed: its
+        attention block then adds only the output projection's bias to the residual stream.
+        """
+        base = getattr(self, self.base_model_prefix, self)
+        layers = base.encoder.layer
+        for layer, heads in heads_to_prune.items():
+            if not 0 <= int(layer) < len(layers):
+                raise ValueError(f"cannot prune layer {layer}: the model has layers 0..{len(layers) - 1}")
+            attention = layers[int(layer)].attention
+            attention.prune_heads(heads)
+            self.config.pruned_heads[int(layer)] = sorted(attention.pruned_heads)
+
     # ------------------------------------------------------------------ misc
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)

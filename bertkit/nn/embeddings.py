@@ -13,8 +13,8 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        if config.position_embedding_type == "absolute":
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # Created for relative position types too (unused there), as HF does, so their checkpoints load cleanly.
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         if not config.pre_norm:  # Megatron-BERT normalises inside each layer instead
             self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -26,7 +26,7 @@ class BertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
         x = x + self.token_type_embeddings(token_type_ids)
-        if hasattr(self, "position_embeddings"):
+        if self.config.position_embedding_type == "absolute":
             if position_ids is None:
                 position_ids = torch.arange(past_length, past_length + x.shape[-2], device=x.device)
             x = x + self.position_embeddings(position_ids)

@@ -10,11 +10,15 @@ checkpoint compatibility); Megatron keeps them in ``attention.ln`` / ``ln`` / ``
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import BertConfig
+from ..utils import find_pruneable_heads_and_indices, prune_linear_layer
 from .activations import get_activation
 from .attention import BertSelfAttention
 
@@ -24,7 +28,7 @@ class BertSelfOutput(nn.Module):
 
     def __init__(self, config: BertConfig, in_features: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size if in_features is None else in_features, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         if not config.pre_norm:
             self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -55,20 +59,45 @@ class BertIntermediate(nn.Module):
 class BertAttention(nn.Module):
     """Attention block: (pre-norm ``ln``), ``self`` (the heads) and ``output`` (projection + residual)."""
 
-    def __init__(self, config: BertConfig, is_cross_attention: bool = False, pruned_heads: int = 0):
+    def __init__(self, config: BertConfig, is_cross_attention: bool = False, pruned_heads: Iterable[int] = ()):
         super().__init__()
         if config.pre_norm:
             self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self = BertSelfAttention(config, is_cross_attention=is_cross_attention, pruned_heads=pruned_heads)
+        # Heads removed so far, in the original numbering (a checkpoint saved after pruning has the
+        # smaller shapes already; config.pruned_heads says which heads are gone).
+        self.pruned_heads = set(pruned_heads)
+        self.self = BertSelfAttention(config, is_cross_attention=is_cross_attention,
+                                      pruned_heads=len(self.pruned_heads))
         self.output = BertSelfOutput(config, in_features=self.self.all_head_size)
+
+    def prune_heads(self, heads: Iterable[int]) -> None:
+        """Removes heads (original numbering) from the q/k/v projections and the output projection."""
+        heads, index = find_pruneable_heads_and_indices(heads, self.self.num_attention_heads,
+                                                        self.self.attention_head_size, self.pruned_heads)
+        if not heads:
+            return
+        attn = self.self
+        attn.query, attn.key, attn.value = (prune_linear_layer(m, index) for m in (attn.query, attn.key, attn.value))
+        self.output.dense = prune_linear_layer(self.output.dense, index, dim=1)
+        attn.num_attention_heads -= len(heads)
+        attn.all_head_size = attn.num_attention_heads * attn.attention_head_size
+        self.pruned_heads |= heads
 
     def forward(self, hidden_states, attention_mask=None, kv_states=None, past_key_value=None, head_mask=None,
                 row_keep=None, output_attentions=False, use_cache=False):
         normed = self.ln(hidden_states) if hasattr(self, "ln") else hidden_states
         if self.self.num_attention_heads == 0:
-            # Every head pruned: the block contributes only the output bias to the residual stream.
+            # Every head pruned: the block adds only the output bias to the residual stream.
             context = normed.new_zeros(*normed.shape[:-1], 0)
-            return self.output(context, hidden_states), None, None
+            probs = None
+            if output_attentions:
+                k_len = (kv_states if kv_states is not None else hidden_states).shape[1]
+                probs = normed.new_zeros(normed.shape[0], 0, normed.shape[1], k_len)
+            return self.output(context, hidden_states), probs, None
+        if head_mask is not None and self.pruned_heads:
+            # The mask is given for the original heads; keep the entries of the heads still here.
+            kept = [h for h in range(head_mask.shape[1]) if h not in self.pruned_heads]
+            head_mask = head_mask[:, kept]
         context, probs, present = self.self(normed, attention_mask, kv_states, past_key_value, head_mask,
                                             row_keep, output_attentions, use_cache)
         return self.output(context, hidden_states), probs, present
@@ -78,8 +107,7 @@ class BertLayer(nn.Module):
     def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
-        pruned = len(config.pruned_heads.get(layer_idx, []))
-        self.attention = BertAttention(config, pruned_heads=pruned)
+        self.attention = BertAttention(config, pruned_heads=config.pruned_heads.get(layer_idx, ()))
         # Cross-attention exists whenever the config asks for it; BLIP's image-grounded encoder uses it too.
         if config.add_cross_attention:
             self.crossattention = BertAttention(config, is_cross_attention=True)
@@ -111,7 +139,7 @@ class BertLayer(nn.Module):
                     "build it with config.add_cross_attention=True"
                 )
             out, cross_probs, cross_present = self.crossattention(
-                out, encoder_attention_mask, encoder_hidden_states, cross_past, None, encoder_row_keep,
+                out, encoder_attention_mask, encoder_hidden_states, cross_past, head_mask, encoder_row_keep,
                 output_attentions, use_cache)
             if use_cache:
                 present = present + cross_present
@@ -138,6 +166,11 @@ class BertEncoder(nn.Module):
                 output_attentions=False, output_hidden_states=False, use_cache=False):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_self, all_cross = ((), ()) if output_attentions else (None, None)
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Warned here, once per forward, not once per layer.
+            warnings.warn("use_cache=True does not work with gradient checkpointing; setting use_cache=False",
+                          stacklevel=3)
+            use_cache = False
         presents = () if use_cache else None
         for i, layer in enumerate(self.layer):
             layer_head_mask = head_mask[i] if head_mask is not None else None

@@ -19,7 +19,8 @@ def build_attention_mask(
 
     Args:
         mask: ``(B, K)`` key mask or ``(B, Q, K)`` full mask, 1 = attend; None = attend everywhere.
-        causal: add the decoder's causal mask (query i sees keys ``<= i + past_length``).
+        causal: add the decoder's causal mask (query i sees keys ``<= i + past_length``) to a 2-D mask;
+            a 3-D mask is taken as the whole mask, as HF and BLIP do.
 
     Returns:
         ``(additive (B, 1, Q|1, K) or None, row_keep (B, 1, Q, 1) or None)``. ``row_keep`` marks the
@@ -30,7 +31,7 @@ def build_attention_mask(
     if mask is not None:
         keep = mask.to(device=device, dtype=torch.bool)
         keep = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None, :, :]
-    if causal:
+    if causal and (mask is None or mask.dim() == 2):
         pos_q = torch.arange(past_length, past_length + q_len, device=device).view(-1, 1)
         tri = (torch.arange(k_len, device=device).view(1, -1) <= pos_q)[None, None]
         keep = tri if keep is None else keep & tri
