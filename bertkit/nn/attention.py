@@ -92,6 +92,17 @@ class BertSelfAttention(nn.Module):
 
         dropout_p = self.dropout.p if self.training else 0.0
         eager = output_attentions or head_mask is not None or self.config.attn_implementation == "eager"
+        # QDQ-BERT (bertkit.quant.quantize) adds fake quantizers on the four matmul inputs. Enabled ones
+        # need the explicit path, since the probabilities themselves are quantized; disabled ones leave the
+        # float computation untouched, bit for bit.
+        quant = self._modules.get("matmul_a_input_quantizer")
+        if quant is not None and quant.is_enabled:
+            eager = True
+            q = self.matmul_q_input_quantizer(q)
+            k = self.matmul_k_input_quantizer(k)
+            v = self.matmul_v_input_quantizer(v)
+        else:
+            quant = None
         if eager:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
             if bias is not None:
@@ -102,7 +113,7 @@ class BertSelfAttention(nn.Module):
             probs = self.dropout(probs)
             if head_mask is not None:
                 probs = probs * head_mask
-            context = torch.matmul(probs, v)
+            context = torch.matmul(probs if quant is None else quant(probs), v)
         else:
             probs = None
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scaling)

@@ -35,6 +35,10 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(self.dense(hidden_states))
+        if "add_local_input_quantizer" in self._modules:
+            # QDQ-BERT quantizes both inputs of the residual add (names as in pytorch-quantization checkpoints).
+            hidden_states = self.add_local_input_quantizer(hidden_states)
+            residual = self.add_residual_input_quantizer(residual)
         if hasattr(self, "LayerNorm"):
             return self.LayerNorm(hidden_states + residual)
         return hidden_states + residual
