@@ -238,6 +238,9 @@ def test_engine_reports_ambiguity_missing_partners_and_bad_rules():
         cv.apply([cv.copy("a", "x"), cv.copy("b", "x")], {"a": 1, "b": 2})
     with pytest.raises(ValueError, match=r"transpose\(enc/\{i\}/kernel -> .*'enc/0/kernel'.*expects a matrix"):
         cv.apply(TOY, {"enc/0/kernel": np.zeros(3)})
+    halves = cv.split("w", ["a", "b", "c"], lambda x: np.split(x, 2), np.concatenate)
+    with pytest.raises(ValueError, match=r"split\(w -> a, b, c\) failed on 'w'"):
+        cv.apply([halves], {"w": np.zeros(4)})
     with pytest.raises(ValueError, match="needs the placeholders"):
         cv.copy("layer_{i}/w", "layer.w")
 
@@ -300,6 +303,19 @@ def test_convert_writes_an_hf_folder(tmp_path):
     np.testing.assert_array_equal(state["bert.encoder.layer.0.attention.self.key.weight"],
                                   TFCheckpointReader(BERT)["bert/encoder/layer_0/attention/self/key/kernel"].T)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_convert_never_reads_optimizer_slots(tmp_path):
+    # Real fine-tuned checkpoints carry two Adam slots per weight (2/3 of the file): they must not
+    # be read, so a corrupted slot does not matter.
+    prefix = copy_checkpoint(BERT, tmp_path)
+    entries = TFCheckpointReader(prefix)._entries
+    data = Path(f"{prefix}.data-00000-of-00001")
+    for name in entries:
+        if name.endswith(("/adam_m", "/adam_v")):
+            flip_byte(data, entries[name].offset)
+    convert_tf_checkpoint(prefix, FIXTURE / "bert_config.json", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_convert_refuses_unknown_names_and_wrong_config(tmp_path):

@@ -178,9 +178,9 @@ def apply(table: Sequence[Rule], state: Mapping[str, Any]) -> dict[str, Any]:
     for rule, keys, names in plan:
         if not names:
             continue  # drop: the tensor is never read
+        values = [state[k] for k in keys]  # outside the try: reader errors speak for themselves
         try:
-            values = rule.fn(*(state[k] for k in keys))
+            out.update(zip(names, rule.fn(*values), strict=True))  # strict: a split must fill every target
         except Exception as exc:
             raise ValueError(f"{rule} failed on {', '.join(map(repr, keys))}: {exc}") from exc
-        out.update(zip(names, values))
     return out

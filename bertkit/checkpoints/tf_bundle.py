@@ -19,6 +19,7 @@ rules), so neither ``tensorflow`` nor ``protobuf`` is needed.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterator, Mapping
@@ -43,12 +44,22 @@ def _byte_table() -> list[int]:
 
 
 _TABLE = _byte_table()
-# Slicing-by-4 tables: _T4[k][b] is the crc contribution of byte b followed by k zero bytes.
-_T4 = [np.array(_TABLE, dtype=np.uint32)]
-for _ in range(3):
-    _T4.append((_T4[-1] >> 8) ^ _T4[0][_T4[-1] & 0xFF])
-_LANES = 4096  # independent crc streams advanced together by numpy; a power of two (see _fold)
+_LANES = 4096  # independent crc streams advanced together by numpy; a power of two (see the fold)
 _MASK_DELTA = 0xA282EAD8
+
+
+def _slicing_tables() -> tuple[np.ndarray, np.ndarray]:
+    # Slicing-by-4: t[k][b] is the crc contribution of byte b followed by k zero bytes. Merging the
+    # four into two tables indexed by 16 bits halves the lookups: after crc ^= word,
+    # crc = lo[crc & 0xFFFF] ^ hi[crc >> 16].
+    t = [np.array(_TABLE, dtype=np.uint32)]
+    for _ in range(3):
+        t.append((t[-1] >> 8) ^ t[0][t[-1] & 0xFF])
+    i = np.arange(1 << 16, dtype=np.uint32)
+    return t[3][i & 0xFF] ^ t[2][i >> 8], t[1][i & 0xFF] ^ t[0][i >> 8]
+
+
+_LO16, _HI16 = _slicing_tables()
 
 
 def _crc_bytes(state: int, data) -> int:
@@ -59,24 +70,27 @@ def _crc_bytes(state: int, data) -> int:
     return state
 
 
+# Feeding zero bytes to the crc register is a linear map over GF(2) (as zlib's crc32_combine uses).
+# A map is stored as (4, 256) uint32: row k holds the images of b << 8k, so applying it is 4 lookups.
 def _apply(op: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # The register after zero bytes is linear in the register before (over GF(2)); `op` holds that
-    # linear map as the image of each of the 32 unit vectors, as zlib's crc32_combine does.
-    out = np.zeros_like(v)
-    for j in range(32):
-        out ^= op[j] * ((v >> np.uint32(j)) & np.uint32(1))
-    return out
+    return op[0][v & 0xFF] ^ op[1][(v >> 8) & 0xFF] ^ op[2][(v >> 16) & 0xFF] ^ op[3][v >> 24]
 
 
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return _apply(a, b.ravel()).reshape(4, 256)  # a after b
+
+
+@functools.lru_cache(maxsize=64)
 def _zeros_op(nbytes: int) -> np.ndarray:
     """The linear map "feed `nbytes` zero bytes", by repeated squaring of the one-byte map."""
-    unit = np.uint32(1) << np.arange(32, dtype=np.uint32)
-    one = _T4[0][unit & 0xFF] ^ (unit >> 8)
-    result = unit.copy()  # identity
+    basis = np.arange(256, dtype=np.uint32) << (8 * np.arange(4, dtype=np.uint32))[:, None]
+    one = _apply(np.stack([np.array(_TABLE, dtype=np.uint32)] + [np.zeros(256, np.uint32)] * 3), basis)
+    one ^= basis >> 8  # one zero byte: crc -> table[crc & 0xFF] ^ (crc >> 8)
+    result = basis  # the identity map
     while nbytes:
         if nbytes & 1:
-            result = _apply(one, result)
-        one = _apply(one, one)
+            result = _compose(one, result)
+        one = _compose(one, one)
         nbytes >>= 1
     return result
 
@@ -84,10 +98,11 @@ def _zeros_op(nbytes: int) -> np.ndarray:
 def _crc_lanes(state: int, data: np.ndarray) -> tuple[int, int]:
     """Advances `state` over the longest prefix of `data` that splits into _LANES equal lanes.
 
-    A crc is a serial loop, which is slow in Python (~15 s per 100 MB). Instead the prefix is cut
-    into _LANES lanes whose crcs numpy computes side by side, four bytes per step (slicing-by-4);
-    then the lane crcs are folded pairwise: crc(A+B) = zeros_op(len(B))(crc(A)) ^ crc(B) on the raw
-    register. About 1 s per 100 MB (half of it the transposing copy). Returns (state, bytes consumed).
+    A crc is a serial loop, which is slow in Python (12 s per 100 MB). Instead the prefix is cut
+    into _LANES lanes whose crcs numpy computes side by side, four bytes per step; then the lane
+    crcs are folded pairwise: crc(A+B) = zeros_op(len(B))(crc(A)) ^ crc(B) on the raw register.
+    Measured: the 440 MB of BERT-base in 0.8 s on an idle server core (H100 host), ~10 s on a busy
+    2-core VM. Returns (state, bytes consumed).
     """
     words_per_lane = len(data) // (4 * _LANES)
     if words_per_lane == 0:
@@ -96,21 +111,26 @@ def _crc_lanes(state: int, data: np.ndarray) -> tuple[int, int]:
     words = data[:used].view("<u4").reshape(_LANES, words_per_lane).T.copy()  # row t = word t of each lane
     crcs = np.zeros(_LANES, dtype=np.uint32)
     crcs[0] = state
-    t0, t1, t2, t3 = _T4
-    for row in words:
+    low, high = np.empty(_LANES, dtype=np.intp), np.empty(_LANES, dtype=np.uint32)
+    for row in words:  # in place, with out=: this loop is the whole cost
         crcs ^= row
-        crcs = t3[crcs & 0xFF] ^ t2[(crcs >> 8) & 0xFF] ^ t1[(crcs >> 16) & 0xFF] ^ t0[crcs >> 24]
+        np.bitwise_and(crcs, 0xFFFF, out=low, casting="unsafe")
+        crcs >>= 16
+        np.take(_HI16, crcs, out=high, mode="clip")  # "clip" skips bounds checks; indices are < 2**16
+        np.take(_LO16, low, out=crcs, mode="clip")
+        crcs ^= high
     op = _zeros_op(4 * words_per_lane)
-    while len(crcs) > 1:  # _fold: neighbours merge, each level covering twice the bytes
+    while len(crcs) > 1:  # the fold: neighbours merge, each level covering twice the bytes
         crcs = _apply(op, crcs[0::2]) ^ crcs[1::2]
-        op = _apply(op, op)
+        op = _compose(op, op)
     return int(crcs[0]), used
 
 
 def crc32c(data: bytes | bytearray | memoryview | np.ndarray, crc: int = 0) -> int:
     """CRC-32C of ``data``, continuing from ``crc`` (the crc of the bytes before it, 0 to start).
 
-    Pure Python plus numpy (no C extension needed); large inputs take the numpy lane path.
+    Pure Python plus numpy, so no C extension is needed; inputs of 16 KiB and more take the
+    numpy lane path (see ``_crc_lanes``), the rest a byte loop.
     """
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
     state, used = _crc_lanes(crc ^ 0xFFFFFFFF, buf)
@@ -287,7 +307,7 @@ class TFCheckpointReader(Mapping):
     Args:
         prefix: the checkpoint prefix (``.../bert_model.ckpt``); the ``.index`` or a ``.data-*``
             file, or a folder holding exactly one checkpoint, also work.
-        verify_crc: check every tensor's CRC32C, as TensorFlow does (about 1 s per 100 MB).
+        verify_crc: check every tensor's CRC32C, as TensorFlow does (about 0.2 s per 100 MB).
 
     Raises:
         FileNotFoundError: no ``PREFIX.index``.
@@ -311,8 +331,9 @@ class TFCheckpointReader(Mapping):
             raise ValueError(f"{index}: no bundle header (key ''); this SSTable is not a TensorFlow checkpoint")
         try:
             header = _proto(table.pop(b""))
-            self._entries = {k.decode("utf-8"): _parse_entry(v) for k, v in table.items()}
-        except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError) as exc:
+            # Slices of partitioned variables have binary keys; escape them rather than fail.
+            self._entries = {k.decode("utf-8", "backslashreplace"): _parse_entry(v) for k, v in table.items()}
+        except (ValueError, IndexError, KeyError, struct.error) as exc:
             raise ValueError(f"{index}: unparseable bundle entry ({exc}); the index is corrupted") from exc
         if header.get(2, [0])[0] != 0:
             raise ValueError(f"{index}: the checkpoint was written on a big-endian machine; re-save it on a "
@@ -326,6 +347,9 @@ class TFCheckpointReader(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries  # Mapping's default would read the tensor to find out
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
