@@ -170,6 +170,9 @@ class BertConfig:
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["pruned_heads"] = {str(k): v for k, v in self.pruned_heads.items()}
         del out["num_labels"]  # HF derives it from id2label
+        # The attention backend is a run-time choice, not a property of the checkpoint (HF does not save it either,
+        # and would take the key as a request that Megatron-BERT cannot honour).
+        del out["attn_implementation"]
         for key in ("architectures", "problem_type"):
             if out[key] is None:
                 del out[key]

@@ -1,4 +1,5 @@
-"""Parity with transformers 5.x through the real path: HF save_pretrained -> bertkit from_pretrained (and back).
+"""Parity with transformers 5.x (BERT and Megatron-BERT) through the real path: HF save_pretrained -> bertkit
+from_pretrained (and back).
 
 Every weight of the reference model is re-drawn with a large spread (LayerNorm scales and biases
 included), so a missing bias or a misplaced LayerNorm cannot hide behind HF's near-zero init.
@@ -20,12 +21,22 @@ BASE = dict(vocab_size=37, hidden_size=12, num_hidden_layers=2, num_attention_he
             max_position_embeddings=23, type_vocab_size=3, num_labels=3, pad_token_id=1)
 
 
-def hf_config(**kw):
+# Megatron-BERT is the same bertkit classes with norm_placement="pre"; HF keeps a separate copy of each.
+HF_MEGATRON = {"BertModel": "MegatronBertModel", "BertLMHeadModel": "MegatronBertForCausalLM"}
+
+
+def hf_class(task, family):
+    if family == "bert":
+        return getattr(transformers, task)
+    return getattr(transformers, HF_MEGATRON.get(task, task.replace("Bert", "MegatronBert")))
+
+
+def hf_config(family="bert", **kw):
     task = kw.pop("task", None)
     cfg = dict(BASE, **kw)
     if task == "BertForQuestionAnswering":
         cfg["num_labels"] = 2  # start and end
-    return transformers.BertConfig(**cfg)
+    return (transformers.BertConfig if family == "bert" else transformers.MegatronBertConfig)(**cfg)
 
 
 def randomize(model, seed=0):
@@ -81,12 +92,13 @@ def assert_same(ours, ref):
 
 
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new", "silu"])
-def test_hf_to_bertkit(task, act, tmp_path):
+@pytest.mark.parametrize("act,family", [("gelu", "bert"), ("relu", "bert"), ("gelu_new", "bert"), ("silu", "bert"),
+                                        ("gelu", "megatron"), ("relu", "megatron")])
+def test_hf_to_bertkit(task, act, family, tmp_path):
     kw = dict(hidden_act=act, task=task)
     if task == "BertLMHeadModel":
         kw["is_decoder"] = True
-    ref = randomize(getattr(transformers, task)(hf_config(**kw)).eval())
+    ref = randomize(hf_class(task, family)(hf_config(family, **kw)).eval())
     ref.save_pretrained(tmp_path)
     ours = getattr(bertkit, task).from_pretrained(tmp_path)
     inputs = make_inputs(task, ref.config)
@@ -94,12 +106,13 @@ def test_hf_to_bertkit(task, act, tmp_path):
         assert_same(ours(**inputs), ref(**inputs))
 
 
+@pytest.mark.parametrize("family", ["bert", "megatron"])
 @pytest.mark.parametrize("task", TASKS)
-def test_train_mode_dropout_zero_and_gradients(task, tmp_path):
+def test_train_mode_dropout_zero_and_gradients(task, family, tmp_path):
     kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, task=task)
     if task == "BertLMHeadModel":
         kw["is_decoder"] = True
-    ref = randomize(getattr(transformers, task)(hf_config(**kw)), seed=3)
+    ref = randomize(hf_class(task, family)(hf_config(family, **kw)), seed=3)
     ref.save_pretrained(tmp_path)
     ours = getattr(bertkit, task).from_pretrained(tmp_path)
     ref.train(), ours.train()
@@ -114,13 +127,16 @@ def test_train_mode_dropout_zero_and_gradients(task, tmp_path):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "megatron"])
 @pytest.mark.parametrize("task", TASKS)
-def test_bertkit_to_hf(task, tmp_path):
-    kw = dict(hidden_act="gelu_new", is_decoder=task == "BertLMHeadModel")
+def test_bertkit_to_hf(task, family, tmp_path):
+    kw = dict(hidden_act="gelu_new", is_decoder=task == "BertLMHeadModel",
+              norm_placement="post" if family == "bert" else "pre")
     cfg = bertkit.BertConfig(**dict(BASE, **kw, num_labels=2 if task == "BertForQuestionAnswering" else 3))
     ours = randomize(getattr(bertkit, task)(cfg), seed=5).eval()
     ours.save_pretrained(tmp_path)
-    ref = getattr(transformers, task).from_pretrained(tmp_path).eval()
+    ref = hf_class(task, family).from_pretrained(tmp_path).eval()
+    assert ref.config.model_type == ("bert" if family == "bert" else "megatron-bert")
     inputs = make_inputs(task, cfg, seed=6)
     with torch.no_grad():
         assert_same(ours(**inputs), ref(**inputs))
@@ -129,8 +145,9 @@ def test_bertkit_to_hf(task, tmp_path):
         torch.testing.assert_close(ref.get_output_embeddings().weight, ours.get_input_embeddings().weight)
 
 
-def test_hidden_states_and_attentions_match_eager_reference(tmp_path):
-    ref = randomize(transformers.BertModel(hf_config(attn_implementation="eager")).eval())
+@pytest.mark.parametrize("family", ["bert", "megatron"])
+def test_hidden_states_and_attentions_match_eager_reference(family, tmp_path):
+    ref = randomize(hf_class("BertModel", family)(hf_config(family, attn_implementation="eager")).eval())
     ref.save_pretrained(tmp_path)
     ours = bertkit.BertModel.from_pretrained(tmp_path)
     inputs = make_inputs("BertModel", ref.config)
@@ -148,14 +165,21 @@ def test_hidden_states_and_attentions_match_eager_reference(tmp_path):
         torch.testing.assert_close(ours(**inputs).last_hidden_state, a.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_with_cross_attention(tmp_path):
-    ref = randomize(transformers.BertLMHeadModel(hf_config(is_decoder=True, add_cross_attention=True)).eval())
+@pytest.mark.parametrize("family", ["bert", "megatron"])
+def test_decoder_with_cross_attention(family, tmp_path):
+    ref = randomize(hf_class("BertLMHeadModel", family)(hf_config(family, is_decoder=True,
+                                                                  add_cross_attention=True)).eval())
     ref.save_pretrained(tmp_path)
     ours = bertkit.BertLMHeadModel.from_pretrained(tmp_path)
     inputs = make_inputs("BertLMHeadModel", ref.config)
     g = torch.Generator().manual_seed(9)
-    enc = torch.randn(3, 5, BASE["hidden_size"], generator=g)
-    enc_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    # transformers 5's Megatron-BERT reshapes cross-attention keys with the *query* length, so it only runs
+    # when both lengths agree (7); bertkit has no such limit (BERT uses 5 encoder positions here).
+    n = 5 if family == "bert" else 7
+    enc = torch.randn(3, n, BASE["hidden_size"], generator=g)
+    enc_mask = torch.ones(3, n, dtype=torch.long)
+    enc_mask[0, 3:] = 0
+    enc_mask[2, 2:] = 0
     with torch.no_grad():
         a = ours(**inputs, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
         b = ref(**inputs, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)

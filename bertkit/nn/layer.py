@@ -194,6 +194,9 @@ class BertEncoder(nn.Module):
             if use_cache:
                 presents += (present,)
         if hasattr(self, "ln"):
-            # Megatron-BERT: one final LayerNorm; hidden_states keeps the un-normalised layer outputs as HF does.
+            # Megatron-BERT: one final LayerNorm. As in HF, the last entry of hidden_states is the normalised
+            # output; the earlier ones stay un-normalised.
             hidden_states = self.ln(hidden_states)
+            if output_hidden_states:
+                all_hidden = all_hidden[:-1] + (hidden_states,)
         return hidden_states, all_hidden, all_self, (all_cross or None) if output_attentions else None, presents
