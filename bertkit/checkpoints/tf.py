@@ -88,7 +88,8 @@ def convert_tf_checkpoint(ckpt_prefix: str | os.PathLike, config_path: str | os.
     """Writes ``config.json``, ``model.safetensors`` (and ``vocab.txt``) for a Google BERT checkpoint.
 
     Optimizer slots (``adam_m``/``adam_v``) and ``global_step`` are dropped without being read;
-    any other name the table does not know is an error that names it.
+    any other name the table does not know is an error that names it. Tensors keep their dtype,
+    except bfloat16, which is written as float32 (exactly).
 
     Args:
         ckpt_prefix: the checkpoint prefix, e.g. ``uncased_L-12_H-768_A-12/bert_model.ckpt``
