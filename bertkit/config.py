@@ -82,7 +82,8 @@ class BertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-            if value < (0 if name == "num_hidden_layers" else 1):
+            # 0 layers is a valid (embeddings-only) model; 0 token types means none, as in BLIP's text model.
+            if value < (0 if name in ("num_hidden_layers", "type_vocab_size") else 1):
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
@@ -151,6 +152,11 @@ class BertConfig:
     def from_dict(cls, data: dict[str, Any], **overrides) -> "BertConfig":
         """Builds a config from an HF-style dictionary; unknown keys are kept in ``extra``."""
         data = {**data, **overrides}
+        if data.get("model_type") == "blip" and isinstance(data.get("text_config"), dict):
+            # A whole BLIP folder: the text model's config is nested.
+            data = {"model_type": "blip_text_model", **data["text_config"], **overrides}
+        if data.get("model_type") == "blip_text_model":
+            data = _from_blip_text(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
@@ -166,6 +172,11 @@ class BertConfig:
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.model_type == "blip_text_model":
+            return _to_blip_text(self._to_dict())
+        return self._to_dict()
+
+    def _to_dict(self) -> dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["pruned_heads"] = {str(k): v for k, v in self.pruned_heads.items()}
@@ -212,6 +223,25 @@ class BertConfig:
 
     def copy(self, **changes) -> "BertConfig":
         return BertConfig.from_dict(self.to_dict(), **changes)
+
+
+def _from_blip_text(data: dict[str, Any]) -> dict[str, Any]:
+    # HF's BlipTextConfig says `is_decoder` where it means "has cross-attention" (causality is chosen at call
+    # time: BlipTextModel defaults to bidirectional, BlipTextLMHeadModel to causal), names the image width
+    # `encoder_hidden_size` and has no token-type embeddings.
+    data = dict(data)
+    data["add_cross_attention"] = bool(data.pop("is_decoder", True))
+    data["is_decoder"] = False
+    if "encoder_hidden_size" in data:
+        data["encoder_width"] = data.pop("encoder_hidden_size")
+    data.setdefault("type_vocab_size", 0)
+    return data
+
+
+def _to_blip_text(out: dict[str, Any]) -> dict[str, Any]:
+    out["is_decoder"] = out.pop("add_cross_attention")
+    out["encoder_hidden_size"] = out.pop("encoder_width") or out["hidden_size"]
+    return out
 
 
 # Preset configs are plain dictionaries (DESIGN.md).

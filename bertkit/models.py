@@ -102,32 +102,52 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                is_decoder=None, mode=None, encoder_embeds=None):
+        """Runs the encoder (or decoder).
+
+        Args:
+            is_decoder: causal self-attention for this call (default ``config.is_decoder``), as BLIP's med.py.
+            mode: ``"text"`` skips cross-attention (BLIP's unimodal text encoder); ``"multimodal"`` requires
+                ``encoder_hidden_states`` and attends to them; None uses cross-attention when states are given.
+            encoder_embeds: precomputed embeddings ``(B, L, hidden)`` fed straight to the layers.
+            encoder_hidden_states: ``(B, N, encoder_width)``, or a list of them with a list of masks (NLVR2's
+                two images): layer ``i`` then attends to entry ``i % len(list)``.
+        """
         config = self.config
+        is_decoder = config.is_decoder if is_decoder is None else is_decoder
         past_length = past_key_values[0][0].shape[2] if past_key_values else 0
-        _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_length)
-        use_cache = (config.use_cache if use_cache is None else use_cache) and config.is_decoder
-        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length)
+        if encoder_embeds is not None:
+            if input_ids is not None or inputs_embeds is not None:
+                raise ValueError("pass encoder_embeds alone, without input_ids or inputs_embeds")
+            if encoder_embeds.dim() != 3 or encoder_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(f"encoder_embeds has shape {tuple(encoder_embeds.shape)}; expected "
+                                 f"(batch, seq_len, {config.hidden_size})")
+            embeddings = encoder_embeds
+            if attention_mask is not None and tuple(attention_mask.shape[:2]) != tuple(embeddings.shape[:2]):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but encoder_embeds has "
+                                 f"shape {tuple(embeddings.shape)}")
+        else:
+            _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                          past_length)
+            embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length)
+        use_cache = bool((config.use_cache if use_cache is None else use_cache) and is_decoder)
         batch, seq_len = embeddings.shape[:2]
         mask, row_keep = build_attention_mask(attention_mask, batch, seq_len, past_length + seq_len,
-                                              embeddings.dtype, embeddings.device, causal=config.is_decoder,
+                                              embeddings.dtype, embeddings.device, causal=is_decoder,
                                               past_length=past_length)
+        if mode not in (None, "text", "multimodal"):
+            raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
+        if mode == "text":
+            encoder_hidden_states = encoder_attention_mask = None
+        elif mode == "multimodal" and encoder_hidden_states is None and not (
+                past_key_values and len(past_key_values[0]) == 4):
+            raise ValueError("mode='multimodal' needs encoder_hidden_states (the image features); "
+                             "pass them, or use mode='text' for the text-only encoder")
         encoder_mask = encoder_row_keep = None
         if encoder_hidden_states is not None:
-            width = config.encoder_width or config.hidden_size
-            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[-1] != width:
-                raise ValueError(
-                    f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)} but cross-attention "
-                    f"expects (batch, seq_len, {width}) (config.encoder_width or hidden_size)"
-                )
-            if encoder_attention_mask is not None and encoder_attention_mask.shape[-1] != encoder_hidden_states.shape[1]:
-                raise ValueError(
-                    f"encoder_attention_mask has shape {tuple(encoder_attention_mask.shape)} but "
-                    f"encoder_hidden_states has {encoder_hidden_states.shape[1]} positions"
-                )
-            encoder_mask, encoder_row_keep = build_attention_mask(
-                encoder_attention_mask, batch, seq_len, encoder_hidden_states.shape[1], embeddings.dtype,
-                embeddings.device)
+            encoder_hidden_states, encoder_mask, encoder_row_keep = self._encoder_masks(
+                encoder_hidden_states, encoder_attention_mask, batch, seq_len, embeddings)
         sequence, hidden, attentions, cross, presents = self.encoder(
             embeddings, mask, encoder_hidden_states, encoder_mask, _head_mask(head_mask, config, embeddings.dtype),
             past_key_values, row_keep, encoder_row_keep, bool(output_attentions), bool(output_hidden_states),
@@ -135,6 +155,33 @@ class BertModel(BertPreTrainedModel):
         pooled = self.pooler(sequence) if self.pooler is not None else None
         out = BaseModelOutput(sequence, pooled, presents, hidden, attentions, cross)
         return out if return_dict is not False else out.to_tuple()
+
+    def _encoder_masks(self, states, masks, batch, seq_len, embeddings):
+        """Validates the cross-attended states and builds their additive masks (one per entry of a list)."""
+        if not hasattr(self.encoder.layer[0] if len(self.encoder.layer) else self, "crossattention"):
+            raise ValueError("encoder_hidden_states were given but the model has no cross-attention; "
+                             "build it with config.add_cross_attention=True")
+        many = isinstance(states, (list, tuple))
+        states_list = list(states) if many else [states]
+        masks_list = list(masks) if isinstance(masks, (list, tuple)) else [masks] * len(states_list)
+        if len(masks_list) != len(states_list):
+            raise ValueError(f"got {len(states_list)} encoder_hidden_states but {len(masks_list)} encoder_attention_masks")
+        width = self.config.encoder_width or self.config.hidden_size
+        built, keeps = [], []
+        for st, m in zip(states_list, masks_list):
+            if st.dim() != 3 or st.shape[-1] != width:
+                raise ValueError(
+                    f"encoder_hidden_states has shape {tuple(st.shape)} but cross-attention "
+                    f"expects (batch, seq_len, {width}) (config.encoder_width or hidden_size)")
+            if m is not None and m.shape[-1] != st.shape[1]:
+                raise ValueError(f"encoder_attention_mask has shape {tuple(m.shape)} but encoder_hidden_states "
+                                 f"has {st.shape[1]} positions")
+            additive, keep = build_attention_mask(m, batch, seq_len, st.shape[1], embeddings.dtype, embeddings.device)
+            built.append(additive)
+            keeps.append(keep)
+        if many:
+            return states_list, built, keeps
+        return states_list[0], built[0], keeps[0]
 
 
 class _WithBert(BertPreTrainedModel):
@@ -198,7 +245,11 @@ class BertForMaskedLM(_WithBert):
 
 
 class BertLMHeadModel(_WithBert):
-    """Left-to-right LM (``config.is_decoder=True``): loss on logits shifted by one position."""
+    """Left-to-right LM: loss on logits shifted by one position (BERT decoder, BLIP's caption decoder).
+
+    Causal by default whatever ``config.is_decoder`` says (an LM head predicts the next token); pass
+    ``is_decoder=False`` for a bidirectional call as med.py allows.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -209,19 +260,28 @@ class BertLMHeadModel(_WithBert):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
                 past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None):
+                return_dict=None, is_decoder=True, mode=None, return_logits=False, reduction="mean"):
+        """``labels`` give the shifted LM loss with ``config.label_smoothing``; ``reduction="none"`` returns one
+        loss per sample (the sum over its tokens, as BLIP's med.py); ``return_logits=True`` returns only the
+        logits without the last position."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if labels is not None:
             use_cache = False
         out = self._bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
                          output_attentions, output_hidden_states, encoder_hidden_states=encoder_hidden_states,
                          encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
-                         use_cache=use_cache)
+                         use_cache=use_cache, is_decoder=is_decoder, mode=mode)
         logits = self.cls(out.last_hidden_state)
+        if return_logits:
+            return logits[:, :-1].contiguous()
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float()
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
-                                   label_smoothing=self.config.label_smoothing)
+                                   label_smoothing=self.config.label_smoothing, reduction=reduction)
+            if reduction == "none":
+                loss = loss.view(logits.shape[0], -1).sum(1)
         return self._finish(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
                                            out.cross_attentions), return_dict)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints.io import SAFE_WEIGHTS, load_state_dict, save_safetensors
+from .checkpoints.io import SAFE_WEIGHTS, load_state_dict, load_weight_file, save_safetensors
 from .config import BertConfig
 
 logger = logging.getLogger("bertkit")
@@ -201,17 +201,20 @@ class BertPreTrainedModel(nn.Module):
         config: BertConfig | None = None,
         strict: bool = False,
         output_loading_info: bool = False,
+        prefix: str | None = None,
         **kwargs,
     ):
         """Loads an HF model folder (``config.json`` + safetensors, sharded or not, or ``pytorch_model.bin``).
 
         Args:
-            path: the folder.
+            path: the folder (or, with ``config=``, a single weight file such as a Salesforce BLIP ``.pth``).
             dtype: ``torch.float16``, ``"bfloat16"``, ``"auto"`` (the dtype in config.json) or None (float32).
             device: where the weights go (default CPU).
             config: use this config instead of the folder's ``config.json``.
             strict: raise if any key is missing or unexpected instead of reporting it.
             output_loading_info: also return ``{"missing_keys": [...], "unexpected_keys": [...]}``.
+            prefix: load only the tensors under this prefix (``"text_decoder"`` for the caption decoder of a
+                BLIP checkpoint, ``"text_encoder"`` for its text encoder).
             **kwargs: config overrides (``num_labels=3``, ``attn_implementation="eager"``) and model
                 arguments (``add_pooling_layer=False``).
 
@@ -222,11 +225,26 @@ class BertPreTrainedModel(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-        if not path.is_dir():
-            raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the folder that holds config.json")
+        if not path.is_dir() and config is None:
+            raise FileNotFoundError(f"model path {str(path)!r} is a file; pass the folder that holds config.json, "
+                                    "or pass config= to load a bare weight file")
         model_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k == "add_pooling_layer"}
         config = config.copy(**kwargs) if config is not None else BertConfig.from_pretrained(path, **kwargs)
-        state = load_state_dict(path)
+        state = load_state_dict(path) if path.is_dir() else load_weight_file(path)
+        if prefix:
+            # The text part of a larger checkpoint (BLIP: text_decoder / text_encoder / text_model).
+            dotted = prefix.rstrip(".") + "."
+            kept = {k[len(dotted):]: v for k, v in state.items() if k.startswith(dotted)}
+            if not kept:
+                raise ValueError(f"{path}: no tensor starts with {dotted!r}; prefixes present: "
+                                 f"{', '.join(sorted({k.split('.')[0] for k in state}))}")
+            state = kept
+        if config.type_vocab_size and not any(k.endswith("token_type_embeddings.weight") for k in state) and \
+                any(k.endswith("embeddings.word_embeddings.weight") for k in state):
+            # BLIP's med.py checkpoints have no token-type embeddings although their med_config.json says
+            # type_vocab_size 2: build the model without them rather than add random vectors.
+            logger.info("%s: no token_type_embeddings in the checkpoint; using type_vocab_size=0", path)
+            config.type_vocab_size = 0
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
         state = model._adapt_state_dict(state)

@@ -115,8 +115,10 @@ def load_torch_bin(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} could not be read ({exc}); the file is truncated or corrupted") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # Lightning-style and Salesforce BLIP-style wrappers
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -141,10 +143,15 @@ def find_weight_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
+def load_weight_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads one weight file: safetensors by extension, anything else as a weights-only pickle."""
+    file = Path(file)
+    return load_safetensors(file) if file.suffix == ".safetensors" else load_torch_bin(file)
+
+
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads every weight file of an HF model folder into one CPU state dict."""
     state: dict[str, torch.Tensor] = {}
     for file in find_weight_files(folder):
-        part = load_safetensors(file) if file.suffix == ".safetensors" else load_torch_bin(file)
-        state.update(part)
+        state.update(load_weight_file(file))
     return state

@@ -36,6 +36,22 @@ class BertSelfAttention(nn.Module):
             self.max_position_embeddings = config.max_position_embeddings
             self.distance_embedding = nn.Embedding(2 * config.max_position_embeddings - 1, self.attention_head_size)
 
+    # BLIP's med.py API for Grad-CAM: set `save_attention = True` on a module to keep its attention
+    # probabilities and, on backward, their gradients. Off by default, and then it costs one bool check.
+    save_attention = False
+
+    def save_attention_map(self, attention_map: torch.Tensor) -> None:
+        self.attention_map = attention_map
+
+    def get_attention_map(self) -> torch.Tensor:
+        return self.attention_map
+
+    def save_attn_gradients(self, attn_gradients: torch.Tensor) -> None:
+        self.attn_gradients = attn_gradients
+
+    def get_attn_gradients(self) -> torch.Tensor:
+        return self.attn_gradients
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, L, H*D) -> (B, H, L, D)
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
@@ -91,7 +107,8 @@ class BertSelfAttention(nn.Module):
             bias = rel if bias is None else rel + bias
 
         dropout_p = self.dropout.p if self.training else 0.0
-        eager = output_attentions or head_mask is not None or self.config.attn_implementation == "eager"
+        eager = (output_attentions or head_mask is not None or self.save_attention
+                 or self.config.attn_implementation == "eager")
         # QDQ-BERT (bertkit.quant.quantize) adds fake quantizers on the four matmul inputs. Enabled ones
         # need the explicit path, since the probabilities themselves are quantized; disabled ones leave the
         # float computation untouched, bit for bit.
@@ -110,6 +127,10 @@ class BertSelfAttention(nn.Module):
             probs = scores.softmax(dim=-1)
             if row_keep is not None:
                 probs = probs * row_keep
+            if self.save_attention:
+                self.save_attention_map(probs)
+                if probs.requires_grad:
+                    probs.register_hook(self.save_attn_gradients)
             probs = self.dropout(probs)
             if head_mask is not None:
                 probs = probs * head_mask

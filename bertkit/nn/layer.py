@@ -178,9 +178,13 @@ class BertEncoder(nn.Module):
         presents = () if use_cache else None
         for i, layer in enumerate(self.layer):
             layer_head_mask = head_mask[i] if head_mask is not None else None
+            enc_states, enc_mask, enc_keep = encoder_hidden_states, encoder_attention_mask, encoder_row_keep
+            if isinstance(enc_states, list):  # several images (NLVR2): layer i attends to image i % n
+                j = i % len(enc_states)
+                enc_states, enc_mask, enc_keep = enc_states[j], enc_mask[j], enc_keep[j]
             past = past_key_values[i] if past_key_values is not None else None
-            args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, layer_head_mask,
-                    past, row_keep, encoder_row_keep, output_attentions, use_cache)
+            args = (hidden_states, attention_mask, enc_states, enc_mask, layer_head_mask,
+                    past, row_keep, enc_keep, output_attentions, use_cache)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states, self_probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)
             else:
