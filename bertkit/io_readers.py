@@ -35,13 +35,7 @@ def input_format(path: str | os.PathLike) -> str:
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     # Yields (line number, text with its line ending). "\n" never occurs inside a UTF-8 multi-byte
     # sequence, so splitting the bytes on it before decoding is safe.
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"input file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"input {str(path)!r} is a folder; pass a .txt, .jsonl or .csv file") from None
-    with handle:
+    with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -118,6 +112,10 @@ def read_texts(path: str | os.PathLike, column: str | None = None) -> Iterator[s
             is reached.
     """
     path = Path(path)
+    if not path.exists():  # checked before the type: "does not exist" is the more useful message
+        raise InputError(f"input file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise InputError(f"input {str(path)!r} is a folder; pass a .txt, .jsonl or .csv file")
     kind = input_format(path)
     if kind == ".txt":
         if column is not None:
