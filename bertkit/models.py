@@ -11,6 +11,7 @@ from .nn.embeddings import BertEmbeddings
 from .nn.heads import BertOnlyMLMHead, BertOnlyNSPHead, BertPooler, BertPreTrainingHeads
 from .nn.layer import BertEncoder
 from .nn.masks import build_attention_mask
+from .nn.padding import PackedBatch, pad, unpad
 from .outputs import (BaseModelOutput, CausalLMOutput, LogitsOutput, PreTrainingOutput,
                       QuestionAnsweringOutput)
 from .pretrained import BertPreTrainedModel
@@ -103,7 +104,7 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
                 use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                is_decoder=None, mode=None, encoder_embeds=None):
+                is_decoder=None, mode=None, encoder_embeds=None, unpad=None):
         """Runs the encoder (or decoder).
 
         Args:
@@ -113,9 +114,18 @@ class BertModel(BertPreTrainedModel):
             encoder_embeds: precomputed embeddings ``(B, L, hidden)`` fed straight to the layers.
             encoder_hidden_states: ``(B, N, encoder_width)``, or a list of them with a list of masks (NLVR2's
                 two images): layer ``i`` then attends to entry ``i % len(list)``.
+            unpad: run padding-free (default ``config.unpad_inputs``): embeddings, Linears and MLP see only
+                real tokens, attention runs per sequence; padded positions of the outputs are zeros. Used when
+                a 2-D padding mask is given and nothing needs the padded layout (falls back silently otherwise).
         """
         config = self.config
         is_decoder = config.is_decoder if is_decoder is None else is_decoder
+        if (config.unpad_inputs if unpad is None else unpad) and self._can_unpad(
+                attention_mask, input_ids, is_decoder, past_key_values, output_attentions, head_mask,
+                encoder_hidden_states, encoder_embeds, mode):
+            _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, 0)
+            return self._forward_unpadded(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                          output_hidden_states, return_dict)
         past_length = past_key_values[0][0].shape[2] if past_key_values else 0
         if encoder_embeds is not None:
             if input_ids is not None or inputs_embeds is not None:
@@ -154,6 +164,44 @@ class BertModel(BertPreTrainedModel):
             use_cache)
         pooled = self.pooler(sequence) if self.pooler is not None else None
         out = BaseModelOutput(sequence, pooled, presents, hidden, attentions, cross)
+        return out if return_dict is not False else out.to_tuple()
+
+    def _can_unpad(self, attention_mask, input_ids, is_decoder, past_key_values, output_attentions, head_mask,
+                   encoder_hidden_states, encoder_embeds, mode) -> bool:
+        # What needs the padded (B, L) layout inside the layers falls back to it: caches, causal masks,
+        # probabilities, head masks, cross-attention, relative positions, enabled QDQ quantizers.
+        if attention_mask is None or attention_mask.dim() != 2 or input_ids is None or input_ids.dim() != 2:
+            return False
+        if is_decoder or past_key_values or output_attentions or head_mask is not None or encoder_embeds is not None:
+            return False
+        if encoder_hidden_states is not None and mode != "text":
+            return False
+        if self.config.position_embedding_type != "absolute" or self.config.attn_implementation == "eager":
+            return False
+        for layer in self.encoder.layer:
+            attn = layer.attention.self
+            quant = attn._modules.get("matmul_a_input_quantizer")
+            if attn.save_attention or (quant is not None and quant.is_enabled) or attn.num_attention_heads == 0:
+                return False
+        return True
+
+    def _forward_unpadded(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, return_dict):
+        batch, length = input_ids.shape
+        packed = PackedBatch.from_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device)
+        position_ids = position_ids.expand(batch, length)
+        pick = packed.indices
+        embeddings = self.embeddings(unpad(input_ids, pick),
+                                     unpad(token_type_ids, pick) if token_type_ids is not None else None,
+                                     unpad(position_ids, pick))
+        sequence, hidden, _, _, _ = self.encoder(embeddings, packed, output_hidden_states=bool(output_hidden_states))
+        sequence = pad(sequence, pick, batch, length)
+        if hidden is not None:
+            hidden = tuple(pad(h, pick, batch, length) for h in hidden)
+        pooled = self.pooler(sequence) if self.pooler is not None else None
+        out = BaseModelOutput(sequence, pooled, None, hidden, None, None)
         return out if return_dict is not False else out.to_tuple()
 
     def _encoder_masks(self, states, masks, batch, seq_len, embeddings):

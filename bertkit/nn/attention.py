@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BertConfig
+from .padding import PackedBatch
 
 
 class BertSelfAttention(nn.Module):
@@ -85,6 +86,13 @@ class BertSelfAttention(nn.Module):
         ``attention_mask`` is additive, broadcastable to (B, H, Q, K); ``row_keep`` (B, 1, Q, 1) zeroes
         query rows that may attend to nothing, so they give zeros rather than NaN.
         """
+        if isinstance(attention_mask, PackedBatch):
+            # Padding-free path: (T, hidden) tokens; the packed batch knows where each sequence starts.
+            t = hidden_states.shape[0]
+            q, k, v = (lin(hidden_states).view(t, self.num_attention_heads, self.attention_head_size)
+                       for lin in (self.query, self.key, self.value))
+            context = attention_mask.attend(q, k, v, self.scaling, self.dropout.p if self.training else 0.0)
+            return context.reshape(t, self.all_head_size), None, None
         q = self._heads(self.query(hidden_states))
         past_length = 0
         if self.is_cross_attention:

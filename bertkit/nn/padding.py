@@ -1,0 +1,78 @@
+"""Padding-free execution: the layers run on packed tokens ``(total_tokens, hidden)``; only attention sees
+the sequence structure, through :class:`PackedBatch`.
+
+Padding is waste: with mixed-length text a padded batch spends most of its Linear/MLP FLOPs on pad
+tokens. Packing removes them; attention then either re-pads q/k/v for one SDPA call (CPU) or runs
+PyTorch's variable-length flash attention on the packed tensors (CUDA, fp16/bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # PyTorch >= 2.9 on CUDA: flash attention over packed sequences
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older PyTorch
+    _varlen_attn = None
+
+
+def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(B, L)`` 0/1 mask -> (flat indices of kept tokens, cu_seqlens ``(B+1,)`` int32, longest length)."""
+    keep = attention_mask.bool()
+    indices = keep.flatten().nonzero().squeeze(1)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def unpad(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``(B, L, ...)`` -> ``(T, ...)``: the kept tokens, in row-major order (each sequence contiguous)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+
+
+def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """``(T, ...)`` -> ``(B, L, ...)`` with zeros where the tokens were padding; exact inverse of :func:`unpad`."""
+    out = x.new_zeros(batch * length, *x.shape[1:])
+    out.index_copy_(0, indices, x)
+    return out.view(batch, length, *x.shape[1:])
+
+
+@dataclass
+class PackedBatch:
+    """The sequence structure of a packed batch, handed to attention in place of a mask."""
+
+    indices: torch.Tensor       # (T,) flat positions in the padded (B, L) batch
+    cu_seqlens: torch.Tensor    # (B+1,) int32 sequence starts in the packed tensor
+    max_len: int
+    span: int                   # padded positions attention must cover: max_len if right-padded, else length
+    batch: int
+    length: int
+    key_mask: torch.Tensor      # (B, 1, 1, L) additive mask for the re-padded path
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, dtype: torch.dtype) -> "PackedBatch":
+        indices, cu_seqlens, max_len = unpad_indices(attention_mask)
+        batch, length = attention_mask.shape
+        key_mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=attention_mask.device)
+        key_mask.masked_fill_(~attention_mask.bool()[:, None, None, :], torch.finfo(dtype).min)
+        # With right padding every token sits before max_len, so the re-padded path can stop there.
+        right_padded = not bool(attention_mask[:, max_len:].any())
+        return cls(indices, cu_seqlens, max_len, max_len if right_padded else length, batch, length, key_mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+        """Attention per sequence on packed ``(T, heads, D)`` tensors; returns ``(T, heads, D)``."""
+        if (_varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                and dropout_p == 0.0):
+            return _varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, scale=scale)
+        # Re-pad (to the longest sequence when right-padded), one SDPA call, unpad again.
+        qp, kp, vp = (pad(t, self.indices, self.batch, self.length)[:, : self.span].transpose(1, 2)
+                      for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.key_mask[..., : self.span],
+                                             dropout_p=dropout_p, scale=scale)
+        out = out.transpose(1, 2)
+        if self.span < self.length:
+            out = F.pad(out, (0, 0, 0, 0, 0, self.length - self.span))
+        return unpad(out, self.indices)
