@@ -18,6 +18,8 @@ Two things make it cheaper than HF's loop without changing the result:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -71,9 +73,12 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
         ValueError: an argument is out of range or inconsistent; the message names it.
     """
     config = model.config
-    if not getattr(config, "is_decoder", False):
-        raise ValueError("generate needs a decoder: the model has config.is_decoder=False; load it with "
-                         "is_decoder=True (e.g. BertLMHeadModel.from_pretrained(path, is_decoder=True))")
+    accepts = inspect.signature(model.forward).parameters
+    if "past_key_values" not in accepts or not ("is_decoder" in accepts or getattr(config, "is_decoder", False)):
+        raise ValueError(f"generate needs a causal LM with a KV cache; {type(model).__name__} with "
+                         f"config.is_decoder=False is not one: use BertLMHeadModel (or set is_decoder=True)")
+    # BertLMHeadModel chooses causality per call (BLIP configs say is_decoder=False); ask for it explicitly.
+    causal = {"is_decoder": True} if "is_decoder" in accepts else {}
     eos = _eos_list(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None))
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = eos[0] if pad is None and eos else pad  # as HF: finished rows need some filler
@@ -119,7 +124,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
     # Prefill: one forward per input row, then repeat the cache for the beams / returned sequences.
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                use_cache=True, return_dict=True)
+                use_cache=True, return_dict=True, **causal)
     logits = out.logits[:, -1].float().repeat_interleave(expand, 0)
     past = tuple(tuple(t.repeat_interleave(expand, 0) for t in layer) for layer in out.past_key_values)
     tokens = input_ids.repeat_interleave(expand, 0)
@@ -139,7 +144,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(input_ids=new_tokens[:, None], attention_mask=mask, position_ids=next_position,
                     encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                    past_key_values=past, use_cache=True, return_dict=True)
+                    past_key_values=past, use_cache=True, return_dict=True, **causal)
         if next_position is not None:
             next_position = next_position + 1
         return out.logits[:, -1].float(), out.past_key_values
