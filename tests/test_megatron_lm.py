@@ -183,13 +183,17 @@ def checkpoint(flat: dict, version: float, args: argparse.Namespace | None) -> d
     return ck
 
 
-def save_megatron(root, w: dict, version: float, tp: int = 1, args=None, no_args: bool = False):
-    """Writes root/latest_checkpointed_iteration.txt and root/iter_0000100/mp_rank_NN/model_optim_rng.pt."""
+def save_megatron(root, w: dict, version: float, tp: int = 1, args=None, no_args: bool = False, legacy=False):
+    """Writes root/latest_checkpointed_iteration.txt and root/iter_0000100/mp_rank_NN/model_optim_rng.pt.
+
+    ``legacy`` uses torch's pre-1.6 (non-zip) file format, which the first Megatron-LM releases wrote.
+    """
     args = None if no_args else (args or megatron_args(tensor_model_parallel_size=tp))
     for rank in range(tp):
         folder = root / "iter_0000100" / f"mp_rank_{rank:02d}"
         folder.mkdir(parents=True)
-        torch.save(checkpoint(rank_state(w, version, rank, tp), version, args), folder / "model_optim_rng.pt")
+        torch.save(checkpoint(rank_state(w, version, rank, tp), version, args), folder / "model_optim_rng.pt",
+                   _use_new_zipfile_serialization=not legacy)
     (root / "latest_checkpointed_iteration.txt").write_text("100")
     return root
 
@@ -258,7 +262,7 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("version", [0, 1.0, 2.0, 3.0])
 def test_each_checkpoint_version_converts_to_megatron_outputs(tmp_path, version):
     w = random_weights()
-    src = save_megatron(tmp_path / "ckpt", w, version)
+    src = save_megatron(tmp_path / "ckpt", w, version, legacy=version == 0)
     out = convert_megatron_checkpoint(src, tmp_path / "hf")
     assert_outputs_match(out, w, version)
     config = bertkit.BertConfig.from_pretrained(out)
@@ -336,6 +340,12 @@ def test_unknown_key_is_named(tmp_path):
                                          r"self_attention\.rotary_emb\.inv_freq'"):
         convert_megatron_checkpoint(save_megatron(tmp_path / "ckpt", w, 2.0), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # nothing written
+    # Megatron-core models name modules differently (embedding., decoder.layers.N.self_attention.linear_qkv).
+    path = tmp_path / "mcore.pt"
+    torch.save({"model": {"embedding.word_embeddings.weight": torch.ones(4, 2),
+                          "decoder.layers.0.self_attention.linear_qkv.weight": torch.ones(6, 2)}}, path)
+    with pytest.raises(ValueError, match=r"Megatron-core \(mcore\) module names \(embedding\.word_embeddings"):
+        convert_megatron_checkpoint(path, tmp_path / "hf")
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -359,13 +369,14 @@ class Exploit:  # a class no allow-list knows, pickled by reference
         self.payload = "x"
 
 
-def test_disallowed_global_is_refused_and_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_disallowed_global_is_refused_and_named(tmp_path, monkeypatch, legacy):
     monkeypatch.setitem(sys.modules, "evil_pkg", _fake_module("evil_pkg", Exploit=Exploit))
     src = save_megatron(tmp_path / "ckpt", random_weights(), 2.0)
     path = src / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt"
     ck = torch.load(path, weights_only=False)
     ck["optimizer"]["extra"] = Exploit()
-    torch.save(ck, path)
+    torch.save(ck, path, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(ValueError, match=r"refused: its pickle needs evil_pkg\.Exploit.*--ignore-global evil_pkg\.Exploit"):
         convert_megatron_checkpoint(src, tmp_path / "hf")
     out = convert_megatron_checkpoint(src, tmp_path / "hf", ignore_globals=["evil_pkg.Exploit"])

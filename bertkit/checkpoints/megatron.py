@@ -89,12 +89,13 @@ def load_megatron_checkpoint(path: str | Path, ignore_globals: Iterable[str] = (
     except pickle.UnpicklingError as exc:
         names = _refused_globals(path, exc, {"argparse.Namespace", *ignored})
         if not names:
-            raise ValueError(f"{path} could not be read ({exc}); it is not a torch checkpoint or is corrupted") from exc
+            raise ValueError(f"{path} could not be read ({exc}); it is not a torch checkpoint, "
+                             "or is corrupted") from exc
         raise ValueError(
             f"{path} was refused: its pickle needs {', '.join(names)}, which bertkit does not load from Megatron "
             "checkpoints (only tensors, argparse.Namespace, numpy RNG state, Megatron's enums and loss scalers). "
-            f"Loading it could run code. If it is not part of the model weights (optimizer or RNG state, an args value), "
-            f"pass --ignore-global {names[0]} (ignore_globals=[...]): it is then read as an inert placeholder, "
+            "Loading it could run code. If it is not part of the model weights (optimizer or RNG state, an args "
+            f"value), pass --ignore-global {names[0]} (ignore_globals=[...]): it is then read as an inert placeholder, "
             "never imported or called") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise ValueError(f"{path} could not be read ({exc}); the file is truncated or not a torch checkpoint") from exc
@@ -241,7 +242,8 @@ _HEADS = [(("lm_head.bias", "binary_head.weight"), "BertForPreTraining"), (("lm_
 def _check_override_names(overrides: dict) -> None:
     from ..config import BertConfig
 
-    known = {f.name for f in dataclasses.fields(BertConfig)} - {"norm_placement", "model_type", "extra", "architectures"}
+    known = {f.name for f in dataclasses.fields(BertConfig)}
+    known -= {"norm_placement", "model_type", "extra", "architectures"}  # fixed by the conversion
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config override(s) {', '.join(unknown)}; use BertConfig field names such as "
@@ -339,25 +341,8 @@ def convert_megatron_checkpoint(src: str | Path, out_dir: str | Path, *, ignore_
     from ..config import BertConfig
 
     _check_override_names(overrides)
-    paths = find_megatron_shards(src)
-    checkpoints = [load_megatron_checkpoint(p, ignore_globals) for p in paths]
-    first, args = checkpoints[0], checkpoints[0].get("args")
-    # load_checkpoint reads a missing version as 0 (megatron/checkpointing.py).
-    version = first.get("checkpoint_version", 0)
-    for path, ck in zip(paths[1:], checkpoints[1:]):
-        for entry, default in (("checkpoint_version", 0), ("iteration", None)):
-            if ck.get(entry, default) != first.get(entry, default):
-                raise ValueError(f"{path} has {entry}={ck.get(entry)} but {paths[0]} has {first.get(entry)}: "
-                                 "the shards come from different checkpoints")
-    tp = getattr(args, "tensor_model_parallel_size", getattr(args, "model_parallel_size", None))
-    if tp not in (None, len(paths)):
-        raise ValueError(f"{paths[0]} was saved with tensor_model_parallel_size={tp} but {len(paths)} shard(s) were "
-                         "found; pass the iter_XXXXXXX folder that holds every mp_rank_NN")
-    if getattr(args, "pipeline_model_parallel_size", 1) not in (None, 1):
-        raise ValueError(f"{src} is pipeline-parallel; merge it to pipeline size 1 with Megatron-LM's "
-                         "tools/checkpoint_util.py first")
-
-    states = [_model_state(ck, p) for ck, p in zip(checkpoints, paths)]
+    vocab = Path(vocab_file).read_bytes() if vocab_file is not None else None  # fail before writing anything
+    states, args, version = _read_shards(src, ignore_globals)
     encoder = "transformer" if any(k.startswith("language_model.transformer.") for k in states[0]) else "encoder"
     attention = "attention" if any(re.search(r"\.layers\.\d+\.attention\.", k) for k in states[0]) else "self_attention"
     heads = overrides.get("num_attention_heads", getattr(args, "num_attention_heads", None))
@@ -366,18 +351,13 @@ def convert_megatron_checkpoint(src: str | Path, out_dir: str | Path, *, ignore_
                          "(shapes cannot tell it): pass --num-attention-heads N (num_attention_heads=N)")
     state = merge_tensor_parallel(states, version, heads, check_replicas)
     fields = _config_fields(state, args, {**overrides, "num_attention_heads": heads}, encoder)
-    table = megatron_bert_table(version, fields["num_attention_heads"], encoder, attention)
-    try:
-        converted = apply(table, state)
-    except ValueError as exc:
-        if any(k.startswith(("decoder.", "embedding.")) for k in state):
-            raise ValueError(f"{exc}\n(these are Megatron-core names; only the legacy megatron/model BERT "
-                             "layout is supported)") from exc
-        raise
+    table = megatron_bert_table(version, heads, encoder, attention)
+    converted = apply(table, state)
+    word = converted["bert.embeddings.word_embeddings.weight"]
     if "bert.embeddings.token_type_embeddings.weight" not in converted:
-        # Trained without token types (no --bert-binary-head): zero rows add nothing, as Megatron did.
-        converted["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(
-            fields["type_vocab_size"], fields["hidden_size"], dtype=converted["bert.embeddings.word_embeddings.weight"].dtype)
+        # Trained without token types (no --bert-binary-head): zero rows add nothing, as in Megatron.
+        converted["bert.embeddings.token_type_embeddings.weight"] = word.new_zeros(fields["type_vocab_size"],
+                                                                                  word.shape[1])
     arch = next((a for keys, a in _HEADS if all(k in state for k in keys)), "BertModel")
     config = BertConfig(norm_placement="pre", architectures=[arch], **fields)
     with torch.device("meta"):
@@ -385,16 +365,43 @@ def convert_megatron_checkpoint(src: str | Path, out_dir: str | Path, *, ignore_
     _check_against_model(converted, model, table, arch)
     if dtype is not None:
         converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
-    # As save_pretrained does: transformers 5 loads in this dtype by default.
+    # As save_pretrained does: the dtype the weights are stored in (transformers reads it).
     config.extra["dtype"] = str(converted["bert.embeddings.word_embeddings.weight"].dtype).removeprefix("torch.")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors(converted, out_dir / SAFE_WEIGHTS, metadata={"source": "megatron-lm", "checkpoint_version": str(version)})
+    save_safetensors(converted, out_dir / SAFE_WEIGHTS, metadata={"source": "megatron-lm",
+                                                                   "checkpoint_version": str(version)})
     config.save_pretrained(out_dir)  # after the weights: a config.json means a complete folder
-    if vocab_file is not None:
-        atomic_write_bytes(out_dir / "vocab.txt", Path(vocab_file).read_bytes())
+    if vocab is not None:
+        atomic_write_bytes(out_dir / "vocab.txt", vocab)
     return out_dir
+
+
+def _read_shards(src: str | Path, ignore_globals: Iterable[str]) -> tuple[list[dict], Any, float]:
+    """The flattened model state of every tensor-parallel rank, the args and the checkpoint version."""
+    paths = find_megatron_shards(src)
+    checkpoints = [load_megatron_checkpoint(p, ignore_globals) for p in paths]
+    first, args = checkpoints[0], checkpoints[0].get("args")
+    for path, ck in zip(paths[1:], checkpoints[1:]):
+        for entry in ("checkpoint_version", "iteration"):
+            if ck.get(entry) != first.get(entry):
+                raise ValueError(f"{path} has {entry}={ck.get(entry)} but {paths[0]} has {first.get(entry)}: "
+                                 "the shards come from different checkpoints")
+    tp = getattr(args, "tensor_model_parallel_size", getattr(args, "model_parallel_size", None))
+    if tp not in (None, len(paths)):
+        raise ValueError(f"{paths[0]} was saved with tensor_model_parallel_size={tp} but {len(paths)} shard(s) "
+                         "were found; pass the iter_XXXXXXX folder that holds every mp_rank_NN")
+    if getattr(args, "pipeline_model_parallel_size", 1) not in (None, 1):
+        raise ValueError(f"{src} is pipeline-parallel; merge it to pipeline size 1 with Megatron-LM's "
+                         "tools/checkpoint_util.py first")
+    states = [_model_state(ck, p) for ck, p in zip(checkpoints, paths)]
+    if not any(k.startswith("language_model.") for k in states[0]) and \
+            any(k.startswith(("embedding.", "encoder.", "decoder.")) for k in states[0]):
+        raise ValueError(f"{paths[0]} uses Megatron-core (mcore) module names ({next(iter(states[0]))}, ...); "
+                         "only the legacy megatron/model BERT layout (language_model.*) is supported")
+    # load_checkpoint reads a missing version as 0 (megatron/checkpointing.py).
+    return states, args, first.get("checkpoint_version", 0)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -422,8 +429,8 @@ def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def cli_convert_megatron(args: argparse.Namespace) -> int:
     """Runs the conversion for parsed CLI arguments (see :func:`add_megatron_arguments`)."""
-    overrides = {name: getattr(args, name) for name in ("num_attention_heads", "max_position_embeddings",
-                                                        "layer_norm_eps", "hidden_act") if getattr(args, name) is not None}
+    names = ("num_attention_heads", "max_position_embeddings", "layer_norm_eps", "hidden_act")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     out = convert_megatron_checkpoint(args.src, args.out_dir, ignore_globals=args.ignore_global,
                                       check_replicas=args.check_replicas, dtype=_DTYPES.get(args.dtype),
                                       vocab_file=args.vocab_file, **overrides)
