@@ -17,6 +17,7 @@ never run anyway.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class QuantConfig:
         residual_adds: Quantize both inputs of each residual add.
         heads: Also quantize the pooler and the task heads (never the MLM decoder).
         learn_amax: Activation amax values become Parameters trained by QAT (LSQ gradient).
+        exclude: ``fnmatch`` patterns of quantizer names created disabled (they never calibrate, export
+            or load), e.g. ``("*.output.add_local_input_quantizer",)`` keeps the MLP branch of each
+            residual add in float -- where BERT's outlier features live (see docs/benchmarks.md).
     """
 
     num_bits: int = 8
@@ -70,8 +74,13 @@ class QuantConfig:
     residual_adds: bool = True
     heads: bool = True
     learn_amax: bool = False
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.exclude, str):
+            raise ValueError("QuantConfig.exclude must be a tuple of patterns, not one string; "
+                             f"write exclude=({self.exclude!r},)")
+        self.exclude = tuple(self.exclude)
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(f"QuantConfig.calib_method {self.calib_method!r} is unknown; use one of "
                              f"{', '.join(CALIB_METHODS)}")
@@ -86,7 +95,9 @@ class QuantConfig:
         return cls(**{"heads": False, "narrow_range": False, **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["exclude"] = list(self.exclude)  # JSON has no tuples
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
@@ -157,6 +168,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                 setattr(module, attr, TensorQuantizer(learn_amax=config.learn_amax, **grid))
     for name, quantizer in quantizers(model):
         quantizer.name = name
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.exclude):
+            quantizer.disable()
     if not any(p.is_meta for p in model.parameters()):
         calibrate_weights(model)  # weights are known now; activations need calibrate()
     if isinstance(getattr(model, "config", None), BertConfig):
