@@ -333,6 +333,12 @@ class BertLMHeadModel(_WithBert):
         return self._finish(CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
                                            out.cross_attentions), return_dict)
 
+    def generate(self, input_ids=None, **kwargs):
+        """Greedy, beam-search or sampled generation over the KV cache; see :func:`bertkit.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
 
 class BertForNextSentencePrediction(_WithBert):
     def __init__(self, config: BertConfig):
