@@ -86,6 +86,9 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # overwrite in place
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
     target = tmp_path / "model.safetensors"
     before = target.read_bytes()
