@@ -9,6 +9,10 @@ one ``mp_rank_NN/model_optim_rng.pt`` per tensor-parallel rank -- or any of thos
 "checkpoint_version", "iteration", "optimizer", "*rng_state*", ...}``; only the model and the args are
 used. Shards are merged here, then names and the fused QKV go through the declarative table in
 :mod:`bertkit.checkpoints.tables.megatron_lm`.
+
+The files are pickles, so they are read with ``torch.load(weights_only=True)``: tensors, containers and
+``argparse.Namespace`` as such, the few non-weight globals Megatron is known to pickle (numpy RNG state,
+enums in args, old loss scalers) as inert placeholders, and anything else refused by name.
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def find_megatron_shards(src: str | Path) -> list[Path]:
     """The ``model_optim_rng.pt`` file of each tensor-parallel rank of a Megatron-LM checkpoint, in rank order.
 
     Raises:
-        FileNotFoundError: nothing Megatron-like at ``src``.
-        ValueError: pipeline-parallel or distributed (``torch_dist``) checkpoints, or gaps in the ranks.
+        FileNotFoundError: nothing Megatron-like at ``src`` (the message says what it looks like instead).
+        ValueError: pipeline-parallel checkpoints, or gaps in the tensor-parallel ranks.
     """
     src = Path(src)
     if src.is_file():
