@@ -414,15 +414,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def add_megatron_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the arguments of ``bertkit convert megatron-lm SRC OUT [--num-attention-heads N] ...``."""
-    parser.add_argument("src", help="Megatron-LM checkpoint folder (with latest_checkpointed_iteration.txt), "
+    parser.add_argument("src", metavar="SRC", help="Megatron-LM checkpoint folder (with latest_checkpointed_iteration.txt), "
                                     "an iter_XXXXXXX/ or release/ folder, or a model_optim_rng.pt")
-    parser.add_argument("out_dir", help="folder to write config.json and model.safetensors into")
-    parser.add_argument("--num-attention-heads", type=int, help="needed when the checkpoint stores no args")
-    parser.add_argument("--max-position-embeddings", type=int, help="checked against the position embeddings")
-    parser.add_argument("--layer-norm-eps", type=float, help="default: args.layernorm_epsilon, else 1e-5")
-    parser.add_argument("--hidden-act", help="default: gelu (erf), gelu_new with args.openai_gelu")
+    parser.add_argument("out_dir", metavar="OUT", help="folder to write config.json and model.safetensors into")
+    parser.add_argument("--num-attention-heads", type=int, metavar="N", help="needed when the checkpoint stores no args")
+    parser.add_argument("--max-position-embeddings", type=int, metavar="N", help="checked against the position embeddings")
+    parser.add_argument("--layer-norm-eps", type=float, metavar="EPS", help="default: args.layernorm_epsilon, else 1e-5")
+    parser.add_argument("--hidden-act", metavar="NAME", help="default: gelu (erf), gelu_new with args.openai_gelu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the weights (default: as stored)")
-    parser.add_argument("--vocab-file", help="a vocab.txt to copy into OUT")
+    parser.add_argument("--vocab-file", metavar="PATH", help="a vocab.txt to copy into OUT")
     parser.add_argument("--ignore-global", action="append", default=[], metavar="NAME",
                         help="read this pickled global (e.g. an optimizer class) as an inert placeholder; repeatable")
     parser.add_argument("--no-check-replicas", dest="check_replicas", action="store_false",
