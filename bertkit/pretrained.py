@@ -63,6 +63,10 @@ class BertPreTrainedModel(nn.Module):
 
     @torch.no_grad()
     def _init_tensor(self, module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        if tensor.is_meta:
+            # from_pretrained builds on the meta device; random init there is pointless and normal_ on meta
+            # tensors imports torch._dynamo (seconds on a cold process).
+            return
         std = self.config.initializer_range
         if isinstance(module, nn.LayerNorm):
             tensor.fill_(1.0 if name == "weight" else 0.0)
