@@ -298,6 +298,13 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "tf", help="Google BERT TensorFlow checkpoint -> HuggingFace folder",
         description="Convert a Google BERT TensorFlow checkpoint (no TensorFlow needed) into a folder with "
                     "config.json and model.safetensors that bertkit and transformers load."))
+    from .checkpoints.megatron import add_megatron_arguments
+
+    add_megatron_arguments(formats.add_parser(
+        "megatron-lm", help="NVIDIA Megatron-LM BERT checkpoint -> HuggingFace Megatron-BERT folder",
+        description="Convert a Megatron-LM BERT checkpoint (model_optim_rng.pt, or a folder of mp_rank_NN "
+                    "tensor-parallel shards) into config.json + model.safetensors that bertkit and transformers "
+                    "load."))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -334,7 +341,9 @@ COMMANDS: dict[str, Command] = {
         help="convert a checkpoint from another format",
         description="Convert a checkpoint into a HuggingFace-layout folder (config.json + model.safetensors).",
         examples="  bertkit convert tf uncased_L-12_H-768_A-12/bert_model.ckpt bert-base-uncased \\\n"
-                 "      --config uncased_L-12_H-768_A-12/bert_config.json",
+                 "      --config uncased_L-12_H-768_A-12/bert_config.json\n"
+                 "  bertkit convert megatron-lm checkpoints/bert_345m/iter_0100000 megatron-bert-345m \\\n"
+                 "      --num-attention-heads 16",
         arguments=_convert_arguments, run=cmd_convert),
 }
 
