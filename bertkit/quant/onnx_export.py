@@ -135,6 +135,9 @@ def export_onnx(model: nn.Module, path: str, opset: int = 17, batch_size: int = 
             raise ValueError(f"quantizer {name} is still calibrating; leave the calibrate() block first")
         if q.is_enabled and q._if_quant and q.amax is None:
             raise ValueError(f"quantizer {name} has no amax; calibrate the model or disable that quantizer")
+        if q.is_enabled and q.num_bits != 8:
+            raise ValueError(f"quantizer {name} has {q.num_bits} bits but ONNX QuantizeLinear is 8-bit; "
+                             "quantize with QuantConfig(num_bits=8) or disable that quantizer")
     choices = 2 if type(model).__name__ == "BertForMultipleChoice" else None
     inputs = _example_inputs(model, batch_size, seq_len, choices)
     was_training = model.training
