@@ -86,6 +86,8 @@ CASES = {
     "beam4_negative_lp_penalty_min": dict(max_length=15, num_beams=4, num_return_sequences=4, length_penalty=-1.0,
                                           repetition_penalty=1.3, min_length=6),
     "beam3_two_eos": dict(max_length=12, num_beams=3, num_return_sequences=2, eos_token_id=[EOS, 9]),
+    # every returned hypothesis ends early, so the output is cropped well before max_length
+    "beam4_all_end_early": dict(max_length=15, num_beams=4, length_penalty=0.0, eos_token_id=[EOS, 12]),
 }
 
 
@@ -118,7 +120,8 @@ def test_cases_exercise_what_they_claim(bert_pair):
 def test_left_padded_prompt_matches_transformers(bert_pair, num_beams):
     ref, ours = bert_pair
     ids, image = prompt()
-    ids = torch.cat([torch.full((4, 2), PAD), ids], dim=1)
+    # Padding slots hold tokens the model likes to generate: the repetition penalty must skip them.
+    ids = torch.cat([torch.tensor([[12, 16]] * 4), ids], dim=1)
     mask = torch.ones_like(ids)
     mask[0, :2] = mask[2, :1] = 0
     ids[1, :2] = torch.tensor([BOS, 20])  # rows 1 and 3 are full length
@@ -207,7 +210,7 @@ def test_pre_expanded_image_features_are_accepted(bert_pair):
 
 
 class FixedLM(torch.nn.Module):
-    """A 'model' whose next-token distribution is always ``probs``; keeps a cache so lengths can be checked."""
+    """A 'model' whose next-token distribution is ``probs`` (1-D), or ``probs[last token]`` (2-D)."""
 
     def __init__(self, probs, eos=None):
         super().__init__()
@@ -220,8 +223,9 @@ class FixedLM(torch.nn.Module):
         batch, new = input_ids.shape
         seen = past_key_values[0][0].shape[2] if past_key_values else 0
         self.calls.append(new)
-        cache = (torch.zeros(batch, 1, seen + new, 1),) * 2
-        return SimpleNamespace(logits=self.logits.expand(batch, new, -1), past_key_values=(cache,))
+        cache = (torch.zeros(batch, 1, seen + new, 1),) * 2  # only its length matters
+        logits = self.logits[input_ids] if self.logits.dim() == 2 else self.logits.expand(batch, new, -1)
+        return SimpleNamespace(logits=logits, past_key_values=(cache,))
 
 
 def draws(model, seed=0, **kw):
@@ -269,6 +273,42 @@ def test_repetition_penalty_demotes_tokens_of_the_prompt():
     start = torch.tensor([[0], [2]])
     # log 0.5 * 2 < log 0.45: token 0 loses once it is in the sequence (here: in the prompt of row 0).
     assert generate(model, start, max_length=2, repetition_penalty=2.0).tolist() == [[0, 1], [2, 0]]
+
+
+def test_a_beam_that_ends_does_not_cost_a_running_beam():
+    # Token 1 is EOS. After the start token: 2 (0.4) > EOS (0.35) > 3 (0.15); after 3 comes 4 almost surely.
+    # The best two hypotheses are [EOS] (0.35) and [3, 4] (0.147): found only if [3] keeps running while
+    # [EOS] is set aside, which is why beam search looks at 2 * num_beams candidates.
+    table = [[1e-4, 0.35, 0.4, 0.15, 0.0999],
+             [0.2] * 5,
+             [1e-4, 0.3, 0.26, 0.24, 0.1999],
+             [1e-4, 0.005, 0.005, 0.0099, 0.98],
+             [0.2] * 5]
+    out = generate(FixedLM(table, eos=1), torch.zeros(1, 1, dtype=torch.long), num_beams=2, num_return_sequences=2,
+                   max_length=3, length_penalty=0.0, early_stopping="never")
+    assert out.tolist() == [[0, 1, 1], [0, 3, 4]]  # pad defaults to EOS here
+
+
+@pytest.mark.parametrize("probs, early_stopping, calls", [
+    ([0.5, 0.3, 0.2], False, 2),      # heuristic: the running beams can no longer beat the finished ones
+    ([0.5, 0.3, 0.2], "never", 15),   # ... unless they could grow to max_length (length_penalty > 0)
+    ([0.35, 0.6, 0.05], True, 2),     # True: num_beams finished hypotheses are enough
+    ([0.35, 0.6, 0.05], False, 19),   # False: the running beam keeps improving its average, up to max_length
+])
+def test_beam_search_stops_when_early_stopping_says_so(probs, early_stopping, calls):
+    model = FixedLM(probs, eos=0)
+    generate(model, torch.ones(1, 1, dtype=torch.long), num_beams=2, max_length=20, early_stopping=early_stopping)
+    assert len(model.calls) == calls
+
+
+def test_filters_keep_one_token_per_eos_plus_one_for_beam_sampling():
+    # HF keeps len(eos) + 1 tokens in top-k/top-p with beams, so a beam can always continue past an EOS.
+    from bertkit.generation import _Processor
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    for min_keep, kept in [(1, 1), (2, 2)]:
+        for kw in (dict(top_k=1, top_p=1.0), dict(top_k=0, top_p=0.01)):
+            process = _Processor([], 0, 1.0, None, True, 1.0, min_keep=min_keep, **kw)
+            assert int(process(torch.zeros(1, 1, dtype=torch.long), logits).isfinite().sum()) == kept
 
 
 def test_kv_cache_feeds_one_token_per_step():
