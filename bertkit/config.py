@@ -118,6 +118,26 @@ class BertConfig:
             raise ValueError(f"problem_type {self.problem_type!r} is unknown; choose one of {', '.join(PROBLEM_TYPES)}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside [0, vocab_size={self.vocab_size})")
+        # Checked before anything is built from the sizes (id2label below has num_labels entries).
+        # Cross-attention keys/values (width encoder_width), relative-distance tables and a classifier
+        # head count too: a hostile config can hide its size in any of them.
+        hidden, layers = self.hidden_size, self.num_hidden_layers
+        num_labels = len(self.id2label) if self.id2label is not None else self.num_labels
+        per_layer = 4 * hidden ** 2 + 2 * hidden * self.intermediate_size
+        if self.add_cross_attention:
+            per_layer += 2 * hidden * (self.encoder_width or hidden) + 2 * hidden ** 2
+        if self.position_embedding_type != "absolute":
+            per_layer += (2 * self.max_position_embeddings - 1) * self.head_dim
+        approx = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * hidden + \
+            layers * per_layer + max(int(num_labels), 0) * hidden
+        if approx > MAX_PARAMETERS:
+            raise ValueError(
+                f"config describes about {approx:.3g} parameters (hidden_size={self.hidden_size}, "
+                f"num_hidden_layers={self.num_hidden_layers}, vocab_size={self.vocab_size}, "
+                f"intermediate_size={self.intermediate_size}, encoder_width={self.encoder_width}, "
+                f"num_labels={num_labels}), over the "
+                f"{MAX_PARAMETERS:.0g} limit; the config file is probably corrupted"
+            )
         # Labels: id2label wins over num_labels, as in HF (json keys are strings).
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
@@ -130,14 +150,6 @@ class BertConfig:
         self.pruned_heads = {int(k): sorted(set(int(h) for h in v)) for k, v in self.pruned_heads.items()}
         if self.model_type is None:
             self.model_type = _MODEL_TYPE_FOR_NORM[self.norm_placement]
-        approx = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * self.hidden_size + \
-            self.num_hidden_layers * (4 * self.hidden_size ** 2 + 2 * self.hidden_size * self.intermediate_size)
-        if approx > MAX_PARAMETERS:
-            raise ValueError(
-                f"config describes about {approx:.3g} parameters (hidden_size={self.hidden_size}, "
-                f"num_hidden_layers={self.num_hidden_layers}, vocab_size={self.vocab_size}), over the "
-                f"{MAX_PARAMETERS:.0g} limit; the config file is probably corrupted"
-            )
 
     # ------------------------------------------------------------------ derived values
     @property
