@@ -142,6 +142,12 @@ def find_weight_files(folder: str | os.PathLike) -> list[Path]:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"{folder / index} is not a valid shard index (needs a 'weight_map')") from exc
             shards = list(dict.fromkeys(weight_map.values()))
+            # A shard is a file beside the index: an absolute path or ".." would let a downloaded
+            # index make us read any file on the machine.
+            outside = [s for s in shards if not isinstance(s, str) or Path(s).is_absolute() or ".." in Path(s).parts]
+            if outside:
+                raise ValueError(f"{folder / index} names shard files outside its folder: "
+                                 f"{', '.join(map(repr, outside))}; the index is corrupted or hostile")
             missing = [s for s in shards if not (folder / s).exists()]
             if missing:
                 raise FileNotFoundError(f"{folder / index} lists shards that are missing: {', '.join(missing)}")
