@@ -52,7 +52,7 @@ class BatchEncoding(dict):
 def _read_json(path: Path, text: str | None = None) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8") if text is None else text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # binary garbage is not JSON either
         raise ValueError(f"{path} is not valid JSON ({err}). The file is probably truncated or "
                          "corrupted: re-download it or save the tokenizer again.") from None
 
@@ -83,6 +83,21 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _lone_surrogate_error(groups: Sequence[tuple[str, Sequence[str]]]) -> ValueError | None:
+    # Python strings may hold lone surrogates ("\ud800", from a bad JSON escape or a
+    # surrogateescape decode); Rust strings cannot, and the Rust error names neither the text nor
+    # the character. Only called after a failure, so the happy path pays nothing.
+    for name, values in groups:
+        for i, text in enumerate(values):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return ValueError(f"{name}[{i}] contains the lone surrogate {text[err.start]!r} at character "
+                                  f"{err.start}, which is not valid Unicode; fix the text, e.g. "
+                                  "text.encode('utf-8', 'replace').decode('utf-8')")
+    return None
 
 
 def _as_id_list(ids: Any) -> list:
@@ -217,7 +232,10 @@ class Tokenizer:
 
     @staticmethod
     def _load_tokenizer_json(file: Path, config: dict) -> _RustTokenizer:
-        text = file.read_text(encoding="utf-8")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = None  # _read_json reads it again and names the file in its error
         data = _read_json(file, text)  # parsed here too, to tell corrupt JSON from a wrong format
         try:
             backend = _RustTokenizer.from_str(text)
@@ -328,6 +346,10 @@ class Tokenizer:
             try:
                 encodings = encode(inputs, add_special_tokens=add_special_tokens)
             except Exception as err:  # e.g. only_second on a pair whose second text is too short
+                groups = (("texts", batch), ("text_pair", pairs if text_pair is not None else []))
+                surrogate = _lone_surrogate_error(groups)
+                if surrogate is not None:
+                    raise surrogate from None
                 raise ValueError(f"Tokenization failed ({err}) with truncation={truncation!r}, "
                                  f"max_length={length}: raise max_length or use truncation=True.") from None
 
@@ -354,7 +376,13 @@ class Tokenizer:
         """Returns the WordPiece tokens of ``text``, without ``[CLS]``/``[SEP]``, never truncated."""
         with self._lock:
             self._configure(None, None)
-            return self._tok.encode(text, add_special_tokens=False).tokens
+            try:
+                return self._tok.encode(text, add_special_tokens=False).tokens
+            except TypeError:
+                surrogate = _lone_surrogate_error((("text", [text]),)) if isinstance(text, str) else None
+                if surrogate is not None:
+                    raise surrogate from None
+                raise
 
     # ------------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
