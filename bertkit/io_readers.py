@@ -72,7 +72,19 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
         if not isinstance(value, str):
             raise InputError(f"{path}: line {number}: field {column!r} is a JSON {type(value).__name__}, "
                              "not a string")
+        if "\\u" in line and not _valid_unicode(value):
+            raise InputError(f"{path}: line {number}: field {column!r} holds a lone surrogate escape such as "
+                             "\"\\ud800\" (half of a UTF-16 pair), which is not valid Unicode; fix the escape")
         yield value
+
+
+def _valid_unicode(text: str) -> bool:
+    # Lines are decoded from valid UTF-8, so only a JSON \uXXXX escape can bring in a lone surrogate.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_csv(path: Path, column: str) -> Iterator[str]:
