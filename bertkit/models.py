@@ -26,6 +26,9 @@ def _check_inputs(config: BertConfig, input_ids, inputs_embeds, attention_mask, 
     shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:-1])
     if len(shape) != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {shape}")
+    if shape[1] == 0:  # would fail later as an IndexError in the pooler
+        raise ValueError(f"input_ids has shape {shape}: sequences need at least one token "
+                         "(a tokenizer always adds [CLS] and [SEP])")
     if input_ids is not None:
         if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
