@@ -312,6 +312,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return args.func(args)
 
 
+def _lazy(module: str, name: str):
+    # Subcommands that live with their feature (quantization, training) are imported only when used or
+    # when their parser is built, so `bertkit embed` does not pay for onnx or the training loop.
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(*args)
+
+    return call
+
+
 # ---------------------------------------------------------------------------------------- table
 COMMANDS: dict[str, Command] = {
     "embed": Command(
@@ -345,6 +356,36 @@ COMMANDS: dict[str, Command] = {
                  "  bertkit convert megatron-lm checkpoints/bert_345m/iter_0100000 megatron-bert-345m \\\n"
                  "      --num-attention-heads 16",
         arguments=_convert_arguments, run=cmd_convert),
+    "quantize": Command(
+        help="calibrate int8 fake quantization (QDQ-BERT) and save the model",
+        description="Insert QDQ-BERT quantizers, calibrate them on a text file and save the model with its "
+                    "_amax buffers (pytorch-quantization names) and quantization config.",
+        examples="  bertkit quantize ./my-bert --calib texts.txt --method percentile --out ./my-bert-int8\n"
+                 "  bertkit quantize ./my-bert --calib data.csv --column text --method entropy --out ./q",
+        arguments=_lazy(".quant.cli", "add_quantize_arguments"), run=_lazy(".quant.cli", "run_quantize")),
+    "export-onnx": Command(
+        help="export a model (float or quantized) to ONNX",
+        description="Export to ONNX with dynamic batch and sequence axes; a quantized model gets "
+                    "QuantizeLinear/DequantizeLinear pairs.",
+        examples="  bertkit export-onnx ./my-bert model.onnx\n"
+                 "  bertkit export-onnx ./my-bert-int8 model-qdq.onnx --quantized",
+        arguments=_lazy(".quant.cli", "add_export_onnx_arguments"),
+        run=_lazy(".quant.cli", "run_export_onnx")),
+    "finetune": Command(
+        help="fine-tune a model: classify, ner, qa or multiple-choice",
+        description="Fine-tune with AdamW, linear warmup/decay, evaluation each epoch, the best checkpoint "
+                    "kept and exact resume (--resume). Works under torchrun for several processes.",
+        examples="  bertkit finetune --task classify --train examples/sentiment_train.csv \\\n"
+                 "      --eval examples/sentiment_eval.csv --out runs/sentiment\n"
+                 "  torchrun --nproc_per_node 2 -m bertkit.train finetune --task ner --train train.conll ...",
+        arguments=_lazy(".train.cli", "add_finetune_arguments"), run=_lazy(".train.cli", "run_finetune")),
+    "pretrain": Command(
+        help="pre-train with MLM (and NSP) on a text corpus",
+        description="Tokenize a corpus once into memory-mapped shards, then train with dynamic masking "
+                    "(optionally whole-word) and NSP pairs, from a preset or an existing checkpoint.",
+        examples="  bertkit pretrain --corpus corpus.txt --preset bert-tiny --out runs/tiny\n"
+                 "  bertkit pretrain --corpus corpus.txt --model ./my-bert --nsp --out runs/continued",
+        arguments=_lazy(".train.cli", "add_pretrain_arguments"), run=_lazy(".train.cli", "run_pretrain")),
 }
 
 
