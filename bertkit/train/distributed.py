@@ -22,6 +22,7 @@ examples whatever the number of processes, which is what makes a 2-process run r
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -105,6 +106,12 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return math.ceil(num_examples / global_batch)
 
 
+@functools.lru_cache(maxsize=2)
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    # Cached: drawn once per epoch, not once per step (it is O(dataset) for pre-training corpora).
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 def step_micro_batches(num_examples: int, seed: int, epoch: int, step: int, batch_size: int, grad_accum: int,
                        info: DistInfo) -> list[list[int]]:
     """Example indices of this rank's ``grad_accum`` micro-batches for one optimizer step.
@@ -113,7 +120,7 @@ def step_micro_batches(num_examples: int, seed: int, epoch: int, step: int, batc
     placeholder example with zero weight, so that every rank still joins the collectives).
     """
     global_batch = batch_size * grad_accum * info.world_size
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    permutation = _permutation(num_examples, seed, epoch)
     mine = permutation[step * global_batch:(step + 1) * global_batch][info.rank::info.world_size]
     return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(grad_accum)]
 
