@@ -52,10 +52,17 @@ def test_float_export_matches_pytorch(tmp_path):
         np.testing.assert_allclose(got[1], want.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_qdq_graph_structure(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
     model = calibrated()
-    export_onnx(model, tmp_path / "q.onnx")
-    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    path = tmp_path_factory.mktemp("qdq") / "q.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_qdq_graph_structure(exported):
+    model, path = exported
+    graph = onnx.load(str(path)).graph
     ops = collections.Counter(n.op_type for n in graph.node)
     # 2 layers x (6 linears x 2 + 4 matmul inputs + 4 add inputs) + pooler (2) = 42 Q/DQ pairs.
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 42
@@ -72,10 +79,9 @@ def test_qdq_graph_structure(tmp_path):
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
 
 
-def test_qdq_export_matches_fake_quant(tmp_path):
-    model = calibrated()
-    export_onnx(model, tmp_path / "q.onnx")
-    exact, fused = session(tmp_path / "q.onnx", optimize=False), session(tmp_path / "q.onnx")
+def test_qdq_export_matches_fake_quant(exported):
+    model, path = exported
+    exact, fused = session(path, optimize=False), session(path)
     for shape in ({}, OTHER_SHAPE):
         batch = inputs(**shape)
         with torch.no_grad():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import warnings
 from typing import Iterable, Mapping
 
 import torch
@@ -189,4 +190,8 @@ def quantize_dynamic_int8(model: nn.Module, calibration: Iterable[Mapping[str, t
         calibration = list(calibration)
         smooth(work, input_channel_amax(work, calibration), alpha)
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    return torch.ao.quantization.quantize_dynamic(work, {nn.Linear: qconfig}, inplace=True).eval()
+    with warnings.catch_warnings():
+        # torch 2.13 announces that quantized tensors (qint8) will be removed in a future release; this
+        # backend will go with them (the onnxruntime one does not depend on them).
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return torch.ao.quantization.quantize_dynamic(work, {nn.Linear: qconfig}, inplace=True).eval()
