@@ -203,14 +203,14 @@ def test_mse_and_entropy_clip_heavy_tails(method, below):
 
 
 def test_mse_amax_is_near_the_best_amax_for_the_sample_itself():
-    x = heavy_tail().double()
+    x = heavy_tail(30_000).double()
     cal = HistogramCalibrator()
     cal.collect(x.float())
 
     def sample_mse(a):
         return ((fake_quant(x.float(), torch.tensor(a)).double() - x) ** 2).sum().item()
 
-    best = min(sample_mse(a) for a in np.linspace(2.0, x.abs().max().item(), 200))
+    best = min(sample_mse(a) for a in np.linspace(2.0, x.abs().max().item(), 80))
     assert sample_mse(cal.compute_amax("mse").item()) <= best * 1.02
 
 
@@ -249,7 +249,8 @@ def _entropy_loop(hist, edges, num_bits=8, start_bin=128):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_entropy_matches_the_loop(seed):
     cal = HistogramCalibrator(num_bins=512)
-    cal.collect(heavy_tail(20_000, seed + 1) * (seed + 1))
+    # With a spike of exact zeros (padding, ReLU), which TensorRT's search flattens into bin 1's height.
+    cal.collect(torch.cat([heavy_tail(20_000, seed + 1) * (seed + 1), torch.zeros(20_000)]))
     hist, edges = cal.hist.numpy(), cal.edges
     assert entropy_amax(hist, edges, 8, False) == pytest.approx(_entropy_loop(hist, edges), rel=1e-9)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bertkit
-from bertkit.quant import QuantConfig, calibrate, export_onnx, quantize
+from bertkit.quant import QuantConfig, TensorQuantizer, calibrate, export_onnx, quantize
 from test_quant_model import inputs, tiny
 
 onnx = pytest.importorskip("onnx")
@@ -92,6 +92,18 @@ def test_qdq_export_matches_fake_quant(exported):
         got = run(fused, batch)[0]
         cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
         assert cosine.min() > 0.999 and np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_single_quantizer_saturates_like_fake_quant(tmp_path, narrow):
+    # Values beyond amax: narrow range must stop at -127 steps even though ONNX int8 goes to -128.
+    quantizer = TensorQuantizer(amax=torch.tensor([[1.0], [2.0]]), axis=0, narrow_range=narrow).eval()
+    x = torch.tensor([[-3.0, -1.004, -0.5, 0.0031, 2.0], [-5.0, -2.01, 1.0, 0.5, 9.0]])
+    torch.onnx.export(quantizer, (x,), str(tmp_path / "q.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"])
+    got = session(tmp_path / "q.onnx", optimize=False).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, quantizer(x).numpy(), rtol=0, atol=1e-7)
+    assert (got[0, 0] == -1.0) == narrow
 
 
 def test_full_range_and_heads_export(tmp_path):

@@ -194,4 +194,5 @@ def quantize_dynamic_int8(model: nn.Module, calibration: Iterable[Mapping[str, t
         # torch 2.13 announces that quantized tensors (qint8) will be removed in a future release; this
         # backend will go with them (the onnxruntime one does not depend on them).
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
         return torch.ao.quantization.quantize_dynamic(work, {nn.Linear: qconfig}, inplace=True).eval()
