@@ -50,6 +50,8 @@ def _common(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16 (else fp16) on GPU, fp32 on CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)")
     g = parser.add_argument_group("checkpoints and distribution")
     g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, final/ (and best/)")
     g.add_argument("--save-every", type=int, default=None, metavar="N", help="checkpoint every N optimizer steps")
@@ -63,6 +65,10 @@ def _common(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
            "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm, "seed": args.seed,
            "gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision,
