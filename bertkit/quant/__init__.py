@@ -13,7 +13,9 @@ Typical use::
     export_onnx(model, "model.onnx")      # QuantizeLinear/DequantizeLinear pairs
 
 Names and checkpoint keys follow NVIDIA pytorch-quantization (``TensorQuantizer``, ``QuantLinear``,
-``_input_quantizer._amax``...). For fast int8 inference on CPU see :mod:`bertkit.quant.int8`.
+``_input_quantizer._amax``...). Fake quantization simulates int8; for int8 *speed* on CPU use
+:func:`bertkit.quant.int8.to_int8` (onnxruntime int8 kernels). ``bertkit.quant.cli`` holds the
+``bertkit quantize`` / ``bertkit export-onnx`` commands.
 """
 
 from .calib import HistogramCalibrator, MaxCalibrator

@@ -128,6 +128,7 @@ class TensorQuantizer(nn.Module):
         self.name = ""  # set by quantize(), used in messages
         self.num_bins = 2048
         self._calibrator = None
+        self._calib_method_now = calib_method  # the method of the running calibration
         self.register_buffer("_amax", None)
         if amax is not None:
             self._set_amax(torch.as_tensor(amax, dtype=torch.float32))
@@ -207,9 +208,10 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise RuntimeError(f"{self._label()}: no calibrator; call enable_calib() (or use "
                                "bertkit.quant.calibrate(model)) and run data through the model first")
-        method = method or getattr(self, "_calib_method_now", self.calib_method)
+        method = method or self._calib_method_now
         if method == "histogram":
-            raise ValueError(f"{self._label()}: say which histogram method to use: one of {', '.join(HISTOGRAM_METHODS)}")
+            raise ValueError(f"{self._label()}: say which histogram method to use: one of "
+                             f"{', '.join(HISTOGRAM_METHODS)}")
         if isinstance(self._calibrator, MaxCalibrator) and method != "max" and self.axis is not None:
             method = "max"  # per-channel statistics are always a running max
         amax = self._calibrator.compute_amax(method, **kwargs)
