@@ -14,6 +14,11 @@ Two things make it cheaper than HF's loop without changing the result:
   cross-attention keys/values are the larger part of the work.
 * On a beam reorder only the self-attention cache is gathered: beams are only ever reordered within their
   own row, and the cross-attention keys/values are identical across those beams.
+
+Deliberate differences from transformers: beam search fills finished hypotheses with ``pad_token_id``
+(transformers uses EOS when the pad id is 0, since it writes ``pad or eos``); ``max_length`` defaults to 20
+*including* the prompt (transformers 5 adds 20 to the prompt length when max_length is unset); options that
+transformers only warns about (a max_length beyond the position table, temperature <= 0) raise ValueError.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
              bos_token_id: int | None = None, encoder_hidden_states: torch.Tensor | None = None,
              encoder_attention_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None, seed: int | None = None) -> torch.LongTensor:
-    """Generates token ids with a decoder (``config.is_decoder=True``), e.g. a BLIP caption decoder.
+    """Generates token ids with a causal LM head, e.g. BLIP's caption decoder loaded as ``BertLMHeadModel``.
 
     Args:
         model: a ``BertLMHeadModel`` (or any model with its forward signature and tuple cache).
@@ -51,8 +56,9 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
         temperature: when sampling, divide the logits by this.
         repetition_penalty: CTRL penalty on every token already in the sequence (prompt included).
         length_penalty: beam search ranks finished hypotheses by ``score / generated_len ** length_penalty``.
-        early_stopping: beam search stops a row when ``num_beams`` hypotheses are finished (True), when
-            a heuristic says no running beam can beat them (False), or only at ``max_length`` ("never").
+        early_stopping: beam search stops a row when ``num_beams`` hypotheses are finished (True), or when
+            no running beam can beat them judging by its current length (False) or, with a positive
+            length_penalty, by ``max_length`` ("never", the canonical beam search).
         num_return_sequences: sequences returned per input row (at most ``num_beams``; with ``num_beams=1``
             only when sampling).
         eos_token_id: id or ids that end a sequence; default ``model.config.eos_token_id``.
