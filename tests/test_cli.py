@@ -30,7 +30,12 @@ def encoder() -> SentenceEncoder:
 def shared_encoder(monkeypatch, encoder):
     # Loading the model takes seconds; reuse the module's encoder whenever the default model is asked for.
     real = cli._load_encoder
-    monkeypatch.setattr(cli, "_load_encoder", lambda path: encoder if path is None else real(path))
+
+    def load(path, *options, **named):
+        plain = path is None and not any(options) and not any(named.values())  # no --model, no extra options
+        return encoder if plain else real(path, *options, **named)
+
+    monkeypatch.setattr(cli, "_load_encoder", load)
 
 
 @pytest.fixture(scope="module")
