@@ -48,12 +48,15 @@ def _positive_int(value: str) -> int:
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="sentence-transformers or HuggingFace BERT folder "
                         "(default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="run the encoder with int8 matrix products on the CPU, calibrated on a small "
+                             "built-in text set (accuracy and speed: docs/benchmarks.md)")
 
 
-def _load_encoder(path: str | None):
+def _load_encoder(path: str | None, quantize: str | None = None):
     from .encoder import SentenceEncoder  # imported here so `bertkit --help` stays quick
 
-    return SentenceEncoder.from_pretrained(path)
+    return SentenceEncoder.from_pretrained(path, quantize=quantize)
 
 
 def _fsync_replace(tmp: str, path: Path) -> None:
@@ -168,7 +171,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         texts: Iterable[str] = read_texts(args.input, args.column)
     else:
         total, texts = len(args.texts), args.texts
-    encoder = _load_encoder(args.model)
+    encoder = _load_encoder(args.model, getattr(args, "quantize", None))
     records = _records(encoder, texts, args, total)
     if output is None:
         for record in records:
@@ -205,7 +208,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     corpus = list(read_texts(args.corpus, args.column))
     if not corpus:
         raise InputError(f"{args.corpus} holds no texts to search")
-    encoder = _load_encoder(args.model)
+    encoder = _load_encoder(args.model, getattr(args, "quantize", None))
     # Always normalize here: the dot product of unit vectors is the cosine similarity.
     docs = encoder.encode(corpus, batch_size=args.batch_size, normalize_embeddings=True)
     queries = encoder.encode(args.queries, batch_size=args.batch_size, normalize_embeddings=True)
