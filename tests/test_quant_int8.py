@@ -58,6 +58,8 @@ def test_int8_embeddings_keep_cosine_099(setup, backend, tmp_path):
 
 def test_to_int8_errors(setup):
     encoder, _, _, calib = setup
+    with pytest.raises(ValueError, match="BertModel"):
+        to_int8(bertkit.BertForSequenceClassification(encoder.model.config), calib)
     with pytest.raises(ValueError, match="backend"):
         to_int8(encoder.model, calib, backend="tensorrt")
     with pytest.raises(ValueError, match="empty"):

@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..models import BertModel
 from ..outputs import BaseModelOutput
 from .transform import QuantConfig, calibrate, quantize
 
@@ -158,6 +159,9 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if not isinstance(model, BertModel):
+        raise ValueError(f"to_int8 takes a bertkit.BertModel (e.g. SentenceEncoder.model), got "
+                         f"{type(model).__name__}; for task models use quantize() + export_onnx()")
     calibration = list(calibration)
     work = copy.deepcopy(model).float().eval()
     if alpha > 0:
