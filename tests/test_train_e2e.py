@@ -207,6 +207,8 @@ def test_kill_during_checkpoint_write_resumes_from_previous(uninterrupted, tiny,
     assert (root / "latest").read_text() == "step-00000002" and not (root / "step-00000004").exists()
     assert train_main(["finetune", *args, "--resume"]) == 0
     assert _losses(tmp_path) == uninterrupted
+    # Steps 3 and 4 were logged before the kill; the resumed run replaced them rather than repeating them.
+    assert [r["step"] for r in _records(tmp_path, "train")] == list(range(1, 9))
     assert not list(root.glob(".tmp-*")) and (root / "latest").read_text() == "step-00000008"
 
 
