@@ -67,7 +67,8 @@ def prompt(batch=4, width=32, seed=5):
 def hf_generate(ref, ids, **kw):
     if isinstance(ref, transformers.BertLMHeadModel):
         # transformers 5.x BertLMHeadModel.generate builds a DynamicCache, which its cross-attention cannot use.
-        kw["past_key_values"] = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+        cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+        kw["past_key_values"] = cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ref.generate(ids, use_cache=True, **kw)
@@ -265,7 +266,8 @@ def test_min_length_forbids_eos_then_allows_it():
     model = FixedLM([0.5, 0.3, 0.2], eos=0)  # EOS is the most likely token
     start = torch.zeros(2, 1, dtype=torch.long)
     assert generate(model, start, max_length=10).tolist() == [[0, 0]] * 2
-    assert generate(model, start, max_length=10, min_length=5).tolist() == [[0, 1, 1, 1, 1, 0]] * 2  # EOS allowed from length 5 on
+    # EOS is allowed once the sequence is 5 long, so it comes 6th.
+    assert generate(model, start, max_length=10, min_length=5).tolist() == [[0, 1, 1, 1, 1, 0]] * 2
 
 
 def test_repetition_penalty_demotes_tokens_of_the_prompt():
