@@ -94,7 +94,8 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
             raise ValueError("input_ids is None and there is no bos_token_id to start from; pass input_ids or "
                              "bos_token_id (or set model.config.bos_token_id)")
         rows = encoder_hidden_states.shape[0] if encoder_hidden_states is not None else 1
-        device = encoder_hidden_states.device if encoder_hidden_states is not None else None
+        device = encoder_hidden_states.device if encoder_hidden_states is not None else \
+            next((p.device for p in model.parameters()), None)
         input_ids = torch.full((rows, 1), bos, dtype=torch.long, device=device)
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"input_ids must be (batch, prompt_len) integer ids, got shape {tuple(input_ids.shape)} "
