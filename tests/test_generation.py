@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import bertkit
 from bertkit.generation import generate
@@ -131,7 +130,8 @@ def test_left_padded_prompt_matches_transformers(bert_pair, num_beams):
     ids[3, :2] = torch.tensor([BOS, 21])
     # Recent transformers 5.x exempt left padding from the repetition penalty (`prompt_ignore_length`); older 5.x
     # releases penalise it, so there the penalty stays off and only positions and masking are compared.
-    penalty = 1.5 if "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters else 1.0
+    exempt = "prompt_ignore_length" in inspect.getsource(transformers.GenerationMixin._get_logits_processor)
+    penalty = 1.5 if exempt else 1.0
     kw = dict(max_length=16, num_beams=num_beams, repetition_penalty=penalty, attention_mask=mask,
               encoder_hidden_states=image)
     assert torch.equal(generate(ours, ids, **kw), hf_generate(ref, ids, **kw))
