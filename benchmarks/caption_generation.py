@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2, help="timed runs per library; the median counts")
     args = parser.parse_args()
@@ -57,9 +58,11 @@ def main() -> None:
     hf = transformers.BlipTextLMHeadModel(config).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = bertkit.BertLMHeadModel.from_pretrained(folder).eval()
-    prompt = torch.tensor([PROMPT] * args.batch)
-    images = torch.randn(args.batch, args.image_tokens, args.encoder_width)
+        ours = bertkit.BertLMHeadModel.from_pretrained(folder).eval().to(args.device)
+    hf = hf.to(args.device)
+    prompt = torch.tensor([PROMPT] * args.batch, device=args.device)
+    images = torch.randn(args.batch, args.image_tokens, args.encoder_width).to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     kw = dict(num_beams=args.beams, max_length=args.max_length, min_length=10, eos_token_id=SEP, pad_token_id=PAD,
               encoder_hidden_states=images)
     runners = {"bertkit generate": lambda: generate(ours, prompt, **kw),
@@ -74,8 +77,10 @@ def main() -> None:
         cpu: dict[str, list[float]] = {name: [] for name in runners}  # process CPU s: steadier on a busy machine
         for _ in range(args.runs):
             for name, run in runners.items():
+                sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 run()
+                sync()
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
 
@@ -84,7 +89,8 @@ def main() -> None:
     same = a.shape == b.shape and torch.equal(a, torch.where((b == SEP).cumsum(1) > 1, PAD, b))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), load average {load:.1f}")
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), load average {load:.1f}"
+          + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print(f"decoder: hidden 768, {args.layers} layers, vocab 30524, encoder width {args.encoder_width}; "
           f"batch {args.batch} x {args.image_tokens} image tokens, {args.beams} beams, max_length {args.max_length}; "
           f"median of {args.runs} runs after {args.warmup} warm-up")
