@@ -94,6 +94,7 @@ def test_qdq_export_matches_fake_quant(exported):
         assert cosine.min() > 0.999 and np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("narrow", [True, False])
 def test_single_quantizer_saturates_like_fake_quant(tmp_path, narrow):
     # Values beyond amax: narrow range must stop at -127 steps even though ONNX int8 goes to -128.
