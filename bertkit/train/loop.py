@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -386,7 +385,3 @@ class Trainer:
             ckpt.save_checkpoint(self.out / "checkpoints", self.global_step, write, self.cfg.keep_checkpoints)
         D.barrier(self.info)
 
-
-def world_info_env() -> dict[str, str]:
-    """The torchrun variables of this process (for logging)."""
-    return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
