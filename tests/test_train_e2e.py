@@ -168,7 +168,7 @@ def test_cli_errors_name_the_input_and_the_fix(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ resume
 RESUME_ARGS = ["--task", "classify", "--epochs", "1", "--max-steps", "8", "--batch-size", "8", "--max-length", "32",
-               "--lr", "1e-3", "--log-every", "1", "--no-progress"]
+               "--lr", "1e-3", "--log-every", "1", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +213,15 @@ def test_kill_during_checkpoint_write_resumes_from_previous(uninterrupted, tiny,
 
 
 # ------------------------------------------------------------------------------ distributed
-def test_torchrun_two_processes_match_one(tiny_no_dropout, sentiment_small, tmp_path):
+@pytest.mark.parametrize("split", [["--batch-size", "4"], ["--batch-size", "2", "--grad-accum", "2", "--fsdp"]],
+                         ids=["ddp", "fsdp-grad-accum"])
+def test_torchrun_two_processes_match_one(split, tiny_no_dropout, sentiment_small, tmp_path):
     common = ["--task", "classify", "--model", str(tiny_no_dropout), "--train", str(sentiment_small), "--epochs", "1",
-              "--max-steps", "5", "--max-length", "32", "--lr", "1e-3", "--log-every", "1", "--no-progress"]
+              "--max-steps", "5", "--max-length", "32", "--lr", "1e-3", "--log-every", "1", "--no-progress",
+              "--device", "cpu"]
     assert train_main(["finetune", *common, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
-    # 2 ranks x 2 micro-batches x 2 examples under FSDP2 = the same global batch of 8.
-    two = _subprocess(["finetune", *common, "--batch-size", "2", "--grad-accum", "2", "--fsdp",
-                       "--out", str(tmp_path / "two")], nproc=2)
+    # 2 ranks x 4 examples (DDP), or 2 ranks x 2 micro-batches x 2 examples (FSDP2): the same global batch of 8.
+    two = _subprocess(["finetune", *common, *split, "--out", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one, other = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(other) == [1, 2, 3, 4, 5]

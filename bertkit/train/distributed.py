@@ -75,11 +75,13 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leaves the process group joined by :func:`setup`."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
+    """Waits for every rank (no-op in one process)."""
     if info.enabled:
         dist.barrier()
 
@@ -103,6 +105,7 @@ def gather_to_main(obj, info: DistInfo) -> list | None:
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Optimizer steps per epoch; the last one may be short (nothing is dropped)."""
     return math.ceil(num_examples / global_batch)
 
 

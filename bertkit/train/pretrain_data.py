@@ -266,6 +266,7 @@ class PretrainDataset:
         return ids, labels  # the remaining 10% keep their token but are still predicted
 
     def batch(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
+        """Padded tensors of the instances ``indices`` as masked in ``epoch``."""
         rows = [self.example(i, epoch) for i in indices]
         out = {"input_ids": pad([r["input_ids"] for r in rows], self.pad_id),
                "token_type_ids": pad([r["token_type_ids"] for r in rows], 0),

@@ -68,30 +68,37 @@ class Task:
         return {}
 
     def length(self, feature: dict) -> int:
+        """Tokens in a feature (evaluation batches are sorted by it to pad less)."""
         return len(feature["input_ids"])
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Pads features to the longest into a batch of tensors (inputs and training targets)."""
         ids = [f["input_ids"] for f in features]
         batch = {"input_ids": pad(ids, self.pad_id), "token_type_ids": pad([f["token_type_ids"] for f in features], 0),
                  "attention_mask": pad([[1] * len(i) for i in ids], 0)}
         return batch | self.targets(features)
 
     def targets(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """The batch's training targets (``labels``, ``start_positions``...)."""
         return {}
 
     # -- model
     def forward(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Runs the model on a batch; returns its outputs (logits) as a tuple of (batch, ...) tensors."""
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch["token_type_ids"])
         return (out.logits,)
 
     def loss_terms(self, outputs, batch) -> dict[str, torch.Tensor]:
+        """Each loss term as a sum over the batch (see the module docstring)."""
         raise NotImplementedError
 
     def counts(self, batch) -> dict[str, float]:
+        """What each term of :meth:`loss_terms` is divided by, counted from the batch's targets."""
         return {"loss": float(batch["input_ids"].shape[0])}
 
     def evaluate(self, features: list[dict], outputs: list[tuple[np.ndarray, ...]]) -> dict[str, float]:
+        """Metrics from the evaluation features and the model's outputs for each (in the same order)."""
         raise NotImplementedError
 
 
