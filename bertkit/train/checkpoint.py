@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoints.io import atomic_write_bytes
+from ..checkpoints.io import _fsync_dir, atomic_write_bytes
 
 LATEST = "latest"
 STATE_FILE, STATE_JSON, OPTIMIZER_FILE = "trainer_state.pt", "trainer_state.json", "optimizer.pt"
@@ -72,20 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------ writing
-def _fsync_dir(folder: Path) -> None:
-    # A rename is durable only once its directory entry is flushed (POSIX; a no-op where unsupported).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
