@@ -83,17 +83,16 @@ class BertPreTrainedModel(nn.Module):
             return
         if self.config.tie_word_embeddings:
             head.weight = self.get_input_embeddings().weight
-        # The output bias is one parameter under two names (predictions.bias and decoder.bias).
-        predictions = self.cls.predictions
-        predictions.decoder.bias = predictions.bias
+            # The output bias is then one parameter under two names (predictions.bias and decoder.bias).
+            predictions = self.cls.predictions
+            predictions.decoder.bias = predictions.bias
 
     def _tied_keys(self) -> set[str]:
         if self.get_output_embeddings() is None:
             return set()
-        keys = {"cls.predictions.decoder.bias"}
         if self.config.tie_word_embeddings:
-            keys.add("cls.predictions.decoder.weight")
-        return keys
+            return {"cls.predictions.decoder.bias", "cls.predictions.decoder.weight"}
+        return set()
 
     # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self) -> nn.Embedding:
@@ -135,6 +134,9 @@ class BertPreTrainedModel(nn.Module):
                 self._init_tensor(head, "weight", weight)
                 weight[:n] = head.weight.detach()[:n]
                 head.weight = nn.Parameter(weight)
+                own_bias = head.bias.new_zeros(new_num_tokens)
+                own_bias[:n] = head.bias.detach()[:n]
+                head.bias = nn.Parameter(own_bias)
             head.out_features = new_num_tokens
         self.config.vocab_size = new_num_tokens
         self.tie_weights()

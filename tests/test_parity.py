@@ -197,3 +197,20 @@ def test_outputs_by_attribute_index_and_tuple(tmp_path):
     tup = model(ids, return_dict=False)
     assert isinstance(tup, tuple) and len(tup) == 2
     torch.testing.assert_close(tup[0], seq)
+
+
+@pytest.mark.parametrize("direction", ["hf_to_bertkit", "bertkit_to_hf"])
+def test_untied_decoder_keeps_its_own_bias(direction, tmp_path):
+    # tie_word_embeddings=False: transformers uses cls.predictions.decoder.bias, separate from predictions.bias.
+    if direction == "hf_to_bertkit":
+        ref = randomize(transformers.BertForMaskedLM(hf_config(tie_word_embeddings=False)).eval(), seed=11)
+        assert not torch.equal(ref.cls.predictions.decoder.bias, ref.cls.predictions.bias)
+        ref.save_pretrained(tmp_path)
+        ours = bertkit.BertForMaskedLM.from_pretrained(tmp_path, strict=True)
+    else:
+        ours = randomize(bertkit.BertForMaskedLM(bertkit.BertConfig(**BASE, tie_word_embeddings=False)), seed=11).eval()
+        ours.save_pretrained(tmp_path)
+        ref = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    inputs = make_inputs("BertForMaskedLM", ref.config)
+    with torch.no_grad():
+        assert_same(ours(**inputs), ref(**inputs))

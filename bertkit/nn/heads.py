@@ -36,19 +36,21 @@ class BertPredictionHeadTransform(nn.Module):
 class BertLMPredictionHead(nn.Module):
     """Transform, then a decoder whose weight is tied to the word embeddings.
 
-    The output bias lives in ``predictions.bias``; ``decoder.bias`` is the same parameter (old
-    checkpoints store it under either name).
+    The output bias lives in ``predictions.bias``; when tied, ``decoder.bias`` is the same parameter (old
+    checkpoints store it under either name); untied, ``decoder.bias`` is separate and is the one used.
     """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Untied (tie_word_embeddings=False), HF keeps decoder.bias as its own parameter and uses it.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=not config.tie_word_embeddings)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
+        if config.tie_word_embeddings:
+            self.decoder.bias = self.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.transform(hidden_states), self.decoder.weight, self.bias)
+        return F.linear(self.transform(hidden_states), self.decoder.weight, self.decoder.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
