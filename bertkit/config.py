@@ -74,6 +74,7 @@ class BertConfig:
     attn_implementation: str = "sdpa"     # "eager" forces the explicit-softmax path
     unpad_inputs: bool = False            # padding-free execution when a padding mask is given (run time only)
     sparse_prediction: bool = False       # MLM heads: vocabulary logits only where labels != -100 (run time only)
+    fused_qkv: bool = False               # one (3 x hidden) projection for q, k, v; same weights (run time only)
     model_type: str | None = None         # written to config.json; derived from norm_placement if None
     # Keys of config.json that bertkit does not know, kept and written back on save.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -197,7 +198,8 @@ class BertConfig:
         del out["num_labels"]  # HF derives it from id2label
         # The attention backend is a run-time choice, not a property of the checkpoint (HF does not save it either,
         # and would take the key as a request that Megatron-BERT cannot honour).
-        del out["attn_implementation"], out["unpad_inputs"], out["sparse_prediction"]
+        for key in ("attn_implementation", "unpad_inputs", "sparse_prediction", "fused_qkv"):
+            del out[key]
         for key in ("architectures", "problem_type"):
             if out[key] is None:
                 del out[key]

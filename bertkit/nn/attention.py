@@ -57,6 +57,17 @@ class BertSelfAttention(nn.Module):
         # (B, L, H*D) -> (B, H, L, D)
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
+    def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # config.fused_qkv: one GEMM with the three weight matrices stacked (built per call from the
+        # same parameters, so state-dict names, training and pruning are untouched). Quantized
+        # (QuantLinear) projections keep their own path.
+        if (self.config.fused_qkv and all(type(m) is nn.Linear and m.bias is not None
+                                          for m in (self.query, self.key, self.value))):
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            return F.linear(hidden_states, weight, bias).split(self.all_head_size, dim=-1)
+        return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+
     def _relative_scores(self, q: torch.Tensor, k: torch.Tensor, past_length: int) -> torch.Tensor:
         # Scores of query i against key j from the embedding of their distance (Shaw et al. 2018),
         # with query positions offset by the cached length so a KV-cache step sees the same distances.
@@ -89,19 +100,19 @@ class BertSelfAttention(nn.Module):
         if isinstance(attention_mask, PackedBatch):
             # Padding-free path: (T, hidden) tokens; the packed batch knows where each sequence starts.
             t = hidden_states.shape[0]
-            q, k, v = (lin(hidden_states).view(t, self.num_attention_heads, self.attention_head_size)
-                       for lin in (self.query, self.key, self.value))
+            q, k, v = (x.view(t, self.num_attention_heads, self.attention_head_size)
+                       for x in self._project_qkv(hidden_states))
             context = attention_mask.attend(q, k, v, self.scaling, self.dropout.p if self.training else 0.0)
             return context.reshape(t, self.all_head_size), None, None
-        q = self._heads(self.query(hidden_states))
         past_length = 0
         if self.is_cross_attention:
+            q = self._heads(self.query(hidden_states))
             if past_key_value is not None:  # keys/values of the image are computed once per sequence
                 k, v = past_key_value
             else:
                 k, v = self._heads(self.key(kv_states)), self._heads(self.value(kv_states))
         else:
-            k, v = self._heads(self.key(hidden_states)), self._heads(self.value(hidden_states))
+            q, k, v = (self._heads(x) for x in self._project_qkv(hidden_states))
             if past_key_value is not None:
                 past_length = past_key_value[0].shape[2]
                 k = torch.cat([past_key_value[0], k], dim=2)

@@ -1,5 +1,5 @@
-"""Sparse MLM prediction: the vocabulary projection only at labelled positions gives transformers' loss,
-the dense logits at those positions, and the same gradients."""
+"""Fast paths against transformers: sparse MLM prediction (the vocabulary projection only at labelled
+positions) and the fused QKV projection give transformers' outputs, losses and gradients."""
 
 import pytest
 import torch
@@ -56,3 +56,34 @@ def test_sparse_prediction_matches_transformers_dense_loss_logits_and_grads(name
     dense = ours(ids, mask).logits if name == "BertForMaskedLM" else ours(ids, mask).prediction_logits
     assert dense.shape == (3, 10, 50)
     assert "sparse_prediction" not in ours.config.to_dict()  # a run-time choice, not saved
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_fused_qkv_matches_transformers_outputs_cache_and_grads(unpad, tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.BertLMHeadModel(transformers.BertConfig(**CFG, is_decoder=True)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = bertkit.BertLMHeadModel.from_pretrained(tmp_path, fused_qkv=True).eval()
+    assert ours.config.fused_qkv
+    ids, mask, _ = _inputs()
+    expected = ref(ids, mask, labels=ids)
+    expected.loss.backward()
+    got = ours(ids, mask, labels=ids)
+    torch.testing.assert_close(got.logits[mask.bool()], expected.logits[mask.bool()], rtol=1e-5, atol=1e-5)
+    got.loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for key in ("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.attention.self.key.bias",
+                "bert.encoder.layer.1.attention.self.value.weight"):
+        torch.testing.assert_close(dict(ours.named_parameters())[key].grad, ref_grads[key].grad,
+                                   rtol=1e-4, atol=1e-6, msg=key)
+    # Bidirectional encoder, padded or padding-free, and an incremental decode with the KV cache.
+    encoder = bertkit.BertModel.from_pretrained(tmp_path, fused_qkv=True, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        full = ref.bert(ids[:1, :6]).last_hidden_state
+        step = encoder(ids[:1, :5], use_cache=True, is_decoder=True)
+        nxt = encoder(ids[:1, 5:6], past_key_values=step.past_key_values, is_decoder=True).last_hidden_state
+        torch.testing.assert_close(nxt, full[:, 5:], rtol=1e-5, atol=1e-5)
+        ref_enc = transformers.BertModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+        keep = mask.bool()
+        torch.testing.assert_close(encoder(ids, mask, unpad=unpad).last_hidden_state[keep],
+                                   ref_enc(ids, mask).last_hidden_state[keep], rtol=1e-5, atol=1e-5)
