@@ -126,17 +126,22 @@ def _write_npy(path: Path, records, n: int, dim: int, source: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        if n == 0:  # a zero-length memmap cannot be created; an empty matrix is still a valid answer
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.empty((0, dim), np.float32), allow_pickle=False)
-        else:
-            matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        # The header, then the rows appended in input order through a buffered file: unlike a memory map,
+        # written pages do not stay in this process's resident memory, so peak RSS stays flat with n.
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                          "fortran_order": False, "shape": (n, dim)})
+            written = 0
             for index, _, row in records:
                 if index >= n:
                     raise InputError(f"{source} grew while it was being read; run again on a file nobody is writing")
-                matrix[index] = row
-            matrix.flush()
-            del matrix  # close the mapping before the rename
+                if index != written:  # records come in input order; anything else is a bug
+                    raise RuntimeError(f"embedding rows out of order: got row {index}, expected {written}")
+                handle.write(np.ascontiguousarray(row, dtype="<f4").tobytes())
+                written += 1
+            if written != n:
+                raise InputError(f"{source} shrank while it was being read ({written} of {n} texts); run again on "
+                                 "a file nobody is writing")
         _fsync_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
