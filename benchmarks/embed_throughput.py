@@ -8,11 +8,19 @@ all-MiniLM-L6-v2 (truncated to its max_seq_length, 256 tokens), with the same th
 * transformers: ``AutoTokenizer`` + ``AutoModel``, batches taken in input order and padded to the
   longest text of each batch, then mean pooling and L2 normalization (what a first script does).
 
-Each is warmed up first, then timed once per repeat (the best repeat counts). The script also
-reports how many token positions each batching scheme feeds the model (real + padding) and checks
-that the three agree.
+Each is warmed up first, then the libraries take turns, once per round (the best round counts). The
+script also reports how many token positions each batching scheme feeds the model (real + padding)
+and checks that they agree.
 
-    python benchmarks/embed_throughput.py --n 1000 --threads 2
+Efficiency against this machine's limit: the fp32 GEMM rate is measured at the model's own matrix
+shapes (tokens-per-batch x hidden x hidden, x intermediate, and back) before and after the timed runs,
+and each library's achieved model FLOP/s (useful FLOPs only: real tokens, attention at each text's own
+length) is printed as a fraction of it.
+
+``--int8`` adds ``SentenceEncoder.from_pretrained(quantize="int8")`` (onnxruntime int8 GEMMs), with
+its cosine similarity to the fp32 embeddings.
+
+    python benchmarks/embed_throughput.py --n 2000 --threads 2 --repeats 3 [--int8]
 """
 
 from __future__ import annotations
@@ -58,58 +66,116 @@ def padded_positions(lengths: np.ndarray, order: np.ndarray, batch_size: int) ->
                for i in range(0, len(order), batch_size))
 
 
+def model_flops(config, lengths: np.ndarray) -> float:
+    """Useful forward FLOPs: the Linear layers on real tokens + attention at each text's own length."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_token = 2 * (4 * h * h + 2 * h * inter) * layers
+    attention = 4 * h * layers * float((lengths.astype(np.float64) ** 2).sum())  # scores + context
+    return per_token * float(lengths.sum()) + attention
+
+
+def gemm_rate(config, rows: int, seconds: float = 1.0) -> float:
+    """fp32 FLOP/s of this machine's torch GEMMs at the model's shapes, ``rows`` tokens per batch.
+
+    The four hidden x hidden projections, hidden -> intermediate and intermediate -> hidden, in the
+    proportion the model runs them (with bias, as nn.Linear does); the best of several rounds.
+    """
+    h, inter = config.hidden_size, config.intermediate_size
+    x, y = torch.randn(rows, h), torch.randn(rows, inter)
+    w_hh, w_hi, w_ih = torch.randn(h, h), torch.randn(inter, h), torch.randn(h, inter)
+    b_h, b_i = torch.randn(h), torch.randn(inter)
+
+    def step():
+        for _ in range(4):
+            torch.nn.functional.linear(x, w_hh, b_h)
+        torch.nn.functional.linear(x, w_hi, b_i)
+        torch.nn.functional.linear(y, w_ih, b_h)
+
+    flops = 2 * rows * (4 * h * h + 2 * h * inter)
+    step()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1000, help="number of texts (default 1000)")
+    parser.add_argument("--n", type=int, default=2000, help="number of texts (default 2000)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per library; the best counts")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="bertkit's token budget per batch (default: none, batches of --batch-size)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds; the best round of each library counts")
+    parser.add_argument("--int8", action="store_true", help="also time SentenceEncoder with quantize='int8'")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sentence-transformers", "transformers"],
+                        help="references to leave out (the naive transformers loop is the slowest)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoTokenizer
 
     from bertkit import SentenceEncoder
     from bertkit.encoder import bundled_model_dir
 
     model_dir = str(bundled_model_dir())
     texts = make_texts(args.n, args.seed)
-    ours = SentenceEncoder.from_pretrained(model_dir, device="cpu")
-    st = SentenceTransformer(model_dir, device="cpu")
-    hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    hf_model = AutoModel.from_pretrained(model_dir).eval()
+    ours = SentenceEncoder.from_pretrained(model_dir, device="cpu", max_batch_tokens=args.max_batch_tokens)
+    config = ours.model.config
     max_len = ours.max_seq_length
+    runners = {"bertkit": lambda t: ours.encode(t, batch_size=args.batch_size, show_progress_bar=False)}
+    if args.int8:
+        quantized = SentenceEncoder.from_pretrained(model_dir, device="cpu", quantize="int8",
+                                                    calibration_texts=make_texts(256, args.seed + 1))
+        runners["bertkit int8"] = lambda t: quantized.encode(t, batch_size=args.batch_size, show_progress_bar=False)
+    if "sentence-transformers" not in args.skip:
+        from sentence_transformers import SentenceTransformer
 
-    @torch.inference_mode()
-    def hf_encode(batch_texts: list[str]) -> np.ndarray:
-        rows = []
-        for i in range(0, len(batch_texts), args.batch_size):
-            enc = hf_tok(batch_texts[i:i + args.batch_size], padding=True, truncation=True, max_length=max_len,
-                         return_tensors="pt")
-            hidden = hf_model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            rows.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
-        return torch.cat(rows).numpy()
+        st = SentenceTransformer(model_dir, device="cpu")
+        runners["sentence-transformers"] = lambda t: st.encode(t, batch_size=args.batch_size,
+                                                               show_progress_bar=False)
+    if "transformers" not in args.skip:
+        from transformers import AutoModel, AutoTokenizer
 
-    runners = {
-        "bertkit": lambda t: ours.encode(t, batch_size=args.batch_size, show_progress_bar=False),
-        "sentence-transformers": lambda t: st.encode(t, batch_size=args.batch_size, show_progress_bar=False),
-        "transformers (naive)": hf_encode,
-    }
-    lengths = np.array([len(ids) for ids in ours.tokenizer(texts, padding=False, max_length=max_len,
+        hf_tok = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModel.from_pretrained(model_dir).eval()
+
+        @torch.inference_mode()
+        def hf_encode(batch_texts: list[str]) -> np.ndarray:
+            rows = []
+            for i in range(0, len(batch_texts), args.batch_size):
+                enc = hf_tok(batch_texts[i:i + args.batch_size], padding=True, truncation=True,
+                             max_length=max_len, return_tensors="pt")
+                hidden = hf_model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                rows.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
+            return torch.cat(rows).numpy()
+
+        runners["transformers (naive)"] = hf_encode
+
+    lengths = np.array([len(ids) for ids in ours.tokenizer(texts, padding=False, truncation=True, max_length=max_len,
                                                            return_tensors=None)["input_ids"]])
     char_len = np.array([len(t) for t in texts])
-    positions = {"bertkit": padded_positions(lengths, np.argsort(-lengths, kind="stable"), args.batch_size),
+    by_tokens = padded_positions(lengths, np.argsort(-lengths, kind="stable"), args.batch_size)
+    positions = {"bertkit": int(lengths.sum()),  # padding-free: only real tokens go through the Linear layers
+                 "bertkit int8": by_tokens,  # the onnxruntime graph runs padded batches
                  "sentence-transformers": padded_positions(lengths, np.argsort(-char_len), args.batch_size),
                  "transformers (naive)": padded_positions(lengths, np.arange(len(texts)), args.batch_size)}
+    flops = model_flops(config, lengths)
+    rows_per_batch = int(round(lengths.sum() / -(-args.n // args.batch_size)))
 
-    print(f"{args.n} texts, {lengths.sum()} real tokens (max_seq_length {max_len}), batch size {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(f"{args.n} texts, {lengths.sum()} real tokens (mean {lengths.mean():.0f}, max_seq_length {max_len}), "
+          f"batch size {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"useful model FLOPs: {flops / 1e12:.3f} TFLOP")
     for run in runners.values():
         run(texts[:2 * args.batch_size])  # warm-up: allocator, kernels, lazy init
+    rate_before = gemm_rate(config, rows_per_batch)
+    print(f"fp32 GEMM rate at the model's shapes ({rows_per_batch} tokens x {config.hidden_size} x "
+          f"{config.hidden_size}/{config.intermediate_size}): {rate_before / 1e9:.1f} GFLOP/s")
     print(f"load average before: {os.getloadavg()[0]:.1f} (other processes compete for the cores when > 0)")
     results, best, cpu = {}, dict.fromkeys(runners, float("inf")), {}
     for _ in range(args.repeats):  # rounds, so a slow spell of the machine hits every library alike
@@ -121,16 +187,31 @@ def main() -> None:
                 # CPU seconds of this process: less sensitive than wall time to other processes
                 # taking the cores, so it is reported too.
                 best[name], cpu[name] = seconds, time.process_time() - start_cpu
-    speeds = {name: args.n / seconds for name, seconds in best.items()}
-    for name in runners:
-        print(f"{name:<22} {speeds[name]:8.1f} texts/s  (wall {best[name]:6.1f} s, CPU {cpu[name]:6.1f} s)  "
-              f"token positions computed: {positions[name]} ({positions[name] / lengths.sum():.2f}x real)")
+    rate_after = gemm_rate(config, rows_per_batch)
+    rate = max(rate_before, rate_after)
+    print(f"fp32 GEMM rate after the runs: {rate_after / 1e9:.1f} GFLOP/s; the higher one, {rate / 1e9:.1f}, "
+          "is the limit below")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    print(f"ratio bertkit / sentence-transformers: {speeds['bertkit'] / speeds['sentence-transformers']:.2f}x")
-    print(f"ratio bertkit / transformers (naive):  {speeds['bertkit'] / speeds['transformers (naive)']:.2f}x")
+    speeds = {name: args.n / seconds for name, seconds in best.items()}
+    print(f"{'':<22} {'texts/s':>8} {'wall s':>7} {'CPU s':>7} {'GFLOP/s':>8} {'of GEMM':>8}  token positions")
+    for name in runners:
+        achieved = flops / best[name]
+        print(f"{name:<22} {speeds[name]:8.1f} {best[name]:7.1f} {cpu[name]:7.1f} {achieved / 1e9:8.1f} "
+              f"{achieved / rate:8.1%}  {positions[name]} ({positions[name] / lengths.sum():.2f}x real)")
+    for other in runners:
+        if other != "bertkit":
+            print(f"ratio bertkit / {other}: {speeds['bertkit'] / speeds[other]:.2f}x")
+    if "bertkit int8" in runners:
+        for other in ("sentence-transformers", "transformers (naive)"):
+            if other in runners:
+                print(f"ratio bertkit int8 / {other}: {speeds['bertkit int8'] / speeds[other]:.2f}x")
+        cosine = (results["bertkit int8"] * results["bertkit"]).sum(1) / (
+            np.linalg.norm(results["bertkit int8"], axis=1) * np.linalg.norm(results["bertkit"], axis=1))
+        print(f"cosine bertkit int8 vs fp32: min {cosine.min():.4f}, mean {cosine.mean():.4f}")
     for other in ("sentence-transformers", "transformers (naive)"):
-        diff = np.abs(results["bertkit"] - results[other]).max()
-        print(f"max abs diff bertkit vs {other}: {diff:.2e}")
+        if other in runners:
+            diff = np.abs(results["bertkit"] - results[other]).max()
+            print(f"max abs diff bertkit vs {other}: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Checks (printed as a table, also written as JSON to --json):
   * parity fp32 and bf16 against transformers' BertModel (SDPA) on the same random BERT-base weights;
   * padding-free (varlen flash attention) vs padded outputs at real tokens, bf16;
   * a training step in bf16 autocast gives finite gradients that match the padded path;
-  * throughput on mixed-length batches: transformers padded, bertkit padded, bertkit unpadded, and
+  * throughput on mixed-length batches: transformers padded, bertkit padded, bertkit unpadded (also
+    with ``fused_qkv``), and
     bertkit padded under torch.compile, with ratios against transformers and the fraction of the measured
     bf16 GEMM rate that the model FLOPs reach.
 
@@ -120,6 +121,11 @@ def main():
         speeds["transformers_padded"] = timed(lambda: ref_bf(ids, mask))
         speeds["bertkit_padded"] = timed(lambda: ours_bf(ids, mask))
         speeds["bertkit_unpadded"] = timed(lambda: ours_bf(ids, mask, unpad=True))
+        ours_bf.config.fused_qkv = True
+        speeds["bertkit_unpadded_fused_qkv"] = timed(lambda: ours_bf(ids, mask, unpad=True))
+        results["fused_qkv_unpadded_max_abs_vs_unfused"] = float((ours_bf(ids, mask, unpad=True).last_hidden_state
+                                                                  - u16)[keep].abs().max())
+        ours_bf.config.fused_qkv = False
         try:
             compiled = torch.compile(ours_bf)
             speeds["bertkit_padded_compiled"] = timed(lambda: compiled(ids, mask), warmup=3)
