@@ -184,7 +184,10 @@ def main() -> None:
         for name in names[:-1]:
             ratio = medians["transformers"] / medians[name]
             best_ratio = min(times["transformers"]) / min(times[name])
-            print(f"  transformers / {name}: {ratio:.3f}x (median), {best_ratio:.3f}x (best)  (>1: bertkit faster)")
+            # Ratio within each round, then the median: the machine's speed drifts between rounds.
+            paired = statistics.median(a / b for a, b in zip(times["transformers"], times[name], strict=True))
+            print(f"  transformers / {name}: {ratio:.3f}x (median), {best_ratio:.3f}x (best), {paired:.3f}x "
+                  "(median of per-round ratios)  (>1: bertkit faster)")
             summary.append((batch, name, ratio))
         for name in names:
             rates.append((batch, name, flops / medians[name] / 1e9))
