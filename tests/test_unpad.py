@@ -87,3 +87,32 @@ def test_what_needs_padding_falls_back(kw):
         b = model(ids, MASK, unpad=True).last_hidden_state
     assert torch.equal(a, b)  # the padded path ran: pad positions computed, identical bits
     assert b[~MASK.bool()].abs().sum() > 0
+
+
+HEADS = ["BertForMaskedLM", "BertForPreTraining", "BertForNextSentencePrediction", "BertForSequenceClassification",
+         "BertForMultipleChoice", "BertForTokenClassification", "BertForQuestionAnswering", "BertLMHeadModel"]
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_unpadded_equals_padded(head, norm):
+    model = _model(getattr(bertkit, head), norm_placement=norm, num_labels=2 if head == "BertForQuestionAnswering" else 3)
+    ids = torch.randint(0, 40, MASK.shape)
+    mask = MASK
+    if head == "BertForMultipleChoice":  # (batch, choices, length)
+        ids, mask = ids.view(2, 2, 9), MASK.view(2, 2, 9)
+    keep = mask.bool()
+    with torch.no_grad():
+        model.config.unpad_inputs = False
+        a = model(ids, mask)
+        model.config.unpad_inputs = True
+        b = model(ids, mask)
+    compared = 0
+    for x, y in zip(b.to_tuple(), a.to_tuple(), strict=True):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.shape[:keep.dim()] == keep.shape:  # per-token outputs: the real tokens
+            x, y = x[keep], y[keep]
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        compared += 1
+    assert compared >= 1
