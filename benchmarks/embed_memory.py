@@ -1,8 +1,8 @@
 """Peak memory of `bertkit embed` on big files: does it stay flat as the input grows?
 
 `bertkit embed --input FILE --output OUT` reads the file and embeds it in chunks of
-``bertkit.cli.CHUNK_SIZE`` texts and writes each chunk's rows as it goes (.npy through a memory map,
-.jsonl line by line), so its peak memory should not depend on the number of lines. This script checks
+``bertkit.cli.CHUNK_SIZE`` texts and writes each chunk's rows as it goes (.npy and
+.jsonl appended through a buffered file), so its peak memory should not depend on the number of lines. This script checks
 that on the real command line:
 
 * it writes .txt files of N short synthetic sentences (5 to 12 words from a fixed word list, fixed
@@ -12,7 +12,7 @@ that on the real command line:
   all children that ``RUSAGE_CHILDREN`` gives) and reports its peak RSS (``ru_maxrss``), wall time,
   CPU time, lines/s and output size. While the child runs, ``/proc/PID/status`` is sampled to split
   the resident memory into anonymous memory (heap, tensors) and file-backed pages (shared libraries,
-  and for .npy the pages of the output memory map), at the sampling interval, so short spikes may be
+  the model's safetensors map), at the sampling interval, so short spikes may be
   missed; ``ru_maxrss`` is exact;
 * a baseline child that only imports bertkit and loads the model shows how much of the peak is the
   model and the libraries rather than the data;
@@ -262,11 +262,6 @@ def main() -> int:
             print(f"{'.' + res['fmt']:<7}{res['n']:>9,}{res['wall']:>9.1f}{res['cpu']:>9.1f}{rate:>10.0f}"
                   f"{res['maxrss_mib']:>14.1f}{res['maxrss_mib'] - base['maxrss_mib']:>8.1f}{res['anon_mib']:>8.1f}"
                   f"{res['file_mib']:>8.1f}{res['size_mib']:>9.1f}  {res['check']}")
-        if "npy" in args.formats:
-            print("\nnote: .npy is written through np.lib.format.open_memmap (bertkit/cli.py, _write_npy); the pages "
-                  "the child has written stay resident as file-backed RSS (page cache the kernel can write back "
-                  "and drop) until the map is closed, so ru_maxrss and 'file' of .npy grow by up to the output size "
-                  "(rows x dim x 4 bytes). 'anon' is the memory the process itself holds.")
         if len(sizes) > 1:
             small, big = sizes[0], sizes[-1]
             print()

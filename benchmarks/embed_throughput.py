@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also time SentenceEncoder with quantize='int8'")
     parser.add_argument("--skip", nargs="*", default=[], choices=["sentence-transformers", "transformers"],
                         help="references to leave out (the naive transformers loop is the slowest)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print torch.profiler's top operators for bertkit encoding N of the texts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -215,6 +217,11 @@ def main() -> None:
         if other in runners:
             diff = np.abs(results["bertkit"] - results[other]).max()
             print(f"max abs diff bertkit vs {other}: {diff:.2e}")
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            runners["bertkit"](texts[:args.profile])
+        print(f"\nwhere bertkit's time goes ({args.profile} texts):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
