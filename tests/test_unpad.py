@@ -116,3 +116,17 @@ def test_every_head_unpadded_equals_padded(head, norm):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
         compared += 1
     assert compared >= 1
+
+
+def test_cross_attention_encoder_unpadded_equals_padded():
+    # BLIP's image-grounded text encoder: bidirectional self-attention plus cross-attention to image features.
+    model = _model(bertkit.BertModel, add_cross_attention=True)
+    ids = torch.randint(0, 40, MASK.shape)
+    image = torch.randn(4, 5, 16)
+    image_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0]])
+    keep = MASK.bool()
+    with torch.no_grad():
+        a = model(ids, MASK, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state
+        b = model(ids, MASK, encoder_hidden_states=image, encoder_attention_mask=image_mask,
+                  unpad=True).last_hidden_state
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-5, atol=1e-5)
