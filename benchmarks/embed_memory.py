@@ -46,20 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-_WORD_TEXT = """the of and to in is was for on that with as by at from his her they this are be or an which
-one have had not but what all were when we there can more if no out so said up its about into than them
-time could only other new some these two may first then do any like my now over such our man me even
-most made after also did many before must through back years where much your way well down should
-because each just those people how too little state good very make world still own see men work long
-get here between both life being under never day same another know while last might us great old year
-off come since against go came right used take three river mountain garden plant water light soil leaf
-train city travel flight ticket station road bridge market price bank money interest loan fund stock
-music piano guitar song concert science planet star ocean forest winter summer morning evening coffee
-bread cheese kitchen recipe oven program code function compiler memory server network database query
-football tennis match team goal player coach season doctor health sleep heart brain memory language
-history empire war peace village castle museum painting camera photo phone battery screen window door
-"""
-WORDS = _WORD_TEXT.split()
+from embed_throughput import WORDS  # noqa: E402  (the same word list as the throughput benchmark)
 TOLERANCE = 1e-5
 
 
