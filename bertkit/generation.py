@@ -4,7 +4,9 @@ The semantics are those of ``transformers`` 5.x ``GenerationMixin.generate`` for
 same model and inputs give the same tokens: logits are processed in HF's order (repetition penalty, min
 length; then, when sampling, temperature, top-k, top-p), and beam search keeps HF's bookkeeping (2 *
 num_beams candidates per step, finished hypotheses scored ``sum_logprobs / generated_len ** length_penalty``,
-the same early-stopping heuristic).
+the same early-stopping heuristic). Beam *sampling* follows transformers >= 5.24: the ``2 * num_beams``
+sampled candidates are sorted by score before the first ``num_beams`` of them may finish (4.50-5.23 left
+them in draw order, a regression of their vectorized beam search that 5.24 fixed).
 
 Two things make it cheaper than HF's loop without changing the result:
 
@@ -315,7 +317,12 @@ def _beam_search(step, tokens, logits, past, process, batch, num_beams, max_leng
         total = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         if do_sample:
             index = torch.multinomial(total.softmax(dim=-1), k, generator=generator)
-            cand_scores = total.gather(1, index)
+            # Order the draws by score, as transformers >= 5.24 (and <= 4.49) does: only the first
+            # num_beams columns may finish (top_beams), so the order decides which hypotheses end.
+            # transformers 4.50-5.23 dropped this sort (a bug, fixed upstream in 5.24); the same
+            # descending torch.sort keeps ties in the same order as the reference.
+            cand_scores, order = total.gather(1, index).sort(dim=-1, descending=True)
+            index = index.gather(1, order)
         else:
             cand_scores, index = torch.topk(total, k)
         source, new = index // vocab, index % vocab
