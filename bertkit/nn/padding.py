@@ -13,10 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:  # PyTorch >= 2.9 on CUDA: flash attention over packed sequences
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - older PyTorch
-    _varlen_attn = None
+
+def _varlen_attn():
+    # PyTorch >= 2.9 on CUDA: flash attention over packed sequences. Imported on first CUDA use only:
+    # torch.nn.attention.varlen pulls in torch._dynamo (about 1 s of `import bertkit` on a CPU).
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older PyTorch
+        return None
+    return varlen_attn
 
 
 def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -64,9 +69,10 @@ class PackedBatch:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
         """Attention per sequence on packed ``(T, heads, D)`` tensors; returns ``(T, heads, D)``."""
-        if (_varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and dropout_p == 0.0):
-            return _varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, scale=scale)
+        varlen = _varlen_attn() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0 \
+            else None
+        if varlen is not None:
+            return varlen(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, scale=scale)
         # Re-pad (to the longest sequence when right-padded), one SDPA call, unpad again.
         qp, kp, vp = (pad(t, self.indices, self.batch, self.length)[:, : self.span].transpose(1, 2)
                       for t in (q, k, v))
