@@ -11,7 +11,7 @@ import importlib.util
 import itertools
 import json
 import os
-import tempfile
+import re
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +20,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers.models import WordPiece
+
+from .checkpoints.io import atomic_write_text
 
 TOKENIZER_FILE, VOCAB_FILE = "tokenizer.json", "vocab.txt"
 CONFIG_FILE, SPECIAL_TOKENS_FILE = "tokenizer_config.json", "special_tokens_map.json"
@@ -33,6 +35,11 @@ _NORMALIZER_KEYS = {"do_lower_case": "lowercase", "strip_accents": "strip_accent
                     "tokenize_chinese_chars": "handle_chinese_chars"}
 _TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second")
 _FIELDS = (("input_ids", "ids"), ("token_type_ids", "type_ids"), ("attention_mask", "attention_mask"))
+# A truncated text longer than BOUND_CHARS_PER_TOKEN * max_length characters is tokenized piece by piece,
+# only as far as the truncation reads (see Tokenizer._bounded). Tests lower it to force many pieces.
+BOUND_CHARS_PER_TOKEN = 16
+# ASCII whitespace and punctuation: BertPreTokenizer splits at each of them, whatever surrounds them.
+_CUT = re.compile(r"[ \t\n\r!-/:-@\[-`{-~]")
 
 
 class BatchEncoding(dict):
@@ -70,21 +77,6 @@ def _bundled_model_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Temp file in the same folder so os.replace is a same-filesystem atomic rename: a crash
-    # leaves either the old file or the new one, never half a tokenizer.json.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _lone_surrogate_error(groups: Sequence[tuple[str, Sequence[str]]]) -> ValueError | None:
     # Python strings may hold lone surrogates ("\ud800", from a bad JSON escape or a
     # surrogateescape decode); Rust strings cannot, and the Rust error names neither the text nor
@@ -98,6 +90,22 @@ def _lone_surrogate_error(groups: Sequence[tuple[str, Sequence[str]]]) -> ValueE
                                   f"{err.start}, which is not valid Unicode; fix the text, e.g. "
                                   "text.encode('utf-8', 'replace').decode('utf-8')")
     return None
+
+
+def _next_cut(text: str, start: int, added: list[str]) -> int:
+    # The first ASCII space/punctuation at or after `start` that is not inside an added token's match.
+    while (found := _CUT.search(text, start)) is not None:
+        i = found.start()
+        if not any(_straddles(text, i, t) for t in added if len(t) > 1):
+            return i
+        start = i + 1
+    return len(text)
+
+
+def _straddles(text: str, i: int, token: str) -> bool:
+    # Does an occurrence of `token` (any case) start before i and end after it?
+    window = text[max(0, i - len(token) + 1):i + len(token) - 1]
+    return token in window or token.lower() in window.lower()
 
 
 def _as_id_list(ids: Any) -> list:
@@ -337,6 +345,10 @@ class Tokenizer:
                 raise ValueError(f"max_length={length} is not a multiple of pad_to_multiple_of="
                                  f"{multiple}: padding would exceed the truncation length.")
             pad = (length if padding == "max_length" else None, multiple)
+        if trunc is not None and text_pair is None:
+            limit = trunc[0] - n_special
+            batch = [self._bounded(t, limit) if len(t) > 2 * BOUND_CHARS_PER_TOKEN * max(limit, 4) else t
+                     for t in batch]
         inputs = batch if text_pair is None else list(zip(batch, pairs))
         # encode_batch_fast (tokenizers >= 0.21) is encode_batch without the character offsets,
         # which we never return; about a third faster.
@@ -371,6 +383,52 @@ class Tokenizer:
         import torch  # lazy: the tokenizer itself does not need torch (e.g. in data workers)
 
         return BatchEncoding({k: torch.from_numpy(v) for k, v in arrays.items()})
+
+    def _bounded(self, text: str, limit: int) -> str:
+        """A text whose first ``limit`` tokens are those of ``text``, built from as little of it as possible.
+
+        A 50 MB line truncated to 256 tokens must not cost the memory and time of tokenizing 50 MB. The
+        text is read in pieces of about ``BOUND_CHARS_PER_TOKEN * limit`` characters, each ending just
+        before an ASCII space or punctuation character (not inside an added token such as ``[MASK]``),
+        until the pieces hold ``limit`` tokens. For the BERT pipeline (BertNormalizer, optionally after
+        Lowercase; BertPreTokenizer; WordPiece) such a cut is a word boundary whatever surrounds it, so
+        tokens(a + b) == tokens(a) + tokens(b) and the truncated ids are exactly those of the whole
+        text. A run of ASCII letters/digits longer than ``max_input_chars_per_word`` is one ``[UNK]``
+        however long it is, so it is shortened (its two ends kept, for added tokens that touch it).
+        Other pipelines, or a text with no cut point, are tokenized whole. Tested against full
+        tokenization with hypothesis (tests/test_tokenizer_bounded.py).
+        """
+        rule = self._bounding_rule()
+        if rule is None or limit < 1:
+            return text
+        max_word, added = rule
+        keep = max(max_word // 2 + 1, max((len(t) for t in added), default=0))
+        long_run = re.compile(f"[A-Za-z0-9]{{{2 * keep + 1},}}")
+        step = BOUND_CHARS_PER_TOKEN * limit
+        parts, count, pos = [], 0, 0
+        with self._lock:
+            self._configure(None, None)
+            while pos < len(text) and count < limit:
+                end = _next_cut(text, pos + step, added)
+                piece = long_run.sub(lambda m: m.group()[:keep] + m.group()[-keep:], text[pos:end])
+                count += len(self._tok.encode(piece, add_special_tokens=False))
+                parts.append(piece)
+                pos = end
+        return "".join(parts)
+
+    def _bounding_rule(self) -> tuple[int, list[str]] | None:
+        # (max_input_chars_per_word, added tokens) when the pipeline is one whose cut points are proven.
+        tok = self._tok
+        if not isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer) or not isinstance(tok.model, WordPiece):
+            return None
+        norm = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else {"type": "none"}
+        steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        if not all(step.get("type") in ("BertNormalizer", "Lowercase") for step in steps):
+            return None
+        added = [str(t) for t in tok.get_added_tokens_decoder().values()]
+        if any(re.fullmatch(r"[A-Za-z0-9]+", t) for t in added):
+            return None  # could match inside a run of letters that _bounded shortens
+        return tok.model.max_input_chars_per_word, added
 
     def tokenize(self, text: str) -> list[str]:
         """Returns the WordPiece tokens of ``text``, without ``[CLS]``/``[SEP]``, never truncated."""
@@ -473,5 +531,5 @@ class Tokenizer:
         files = {TOKENIZER_FILE: tokenizer_json, CONFIG_FILE: json.dumps(config, indent=2) + "\n",
                  VOCAB_FILE: "".join(t + "\n" for t in sorted(vocab, key=vocab.__getitem__))}
         for name, text in files.items():
-            _atomic_write(folder / name, text)
+            atomic_write_text(folder / name, text)  # 0644 under umask 022, as open() gives
         return [folder / name for name in files]

@@ -6,14 +6,17 @@ crash never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import struct
 import tempfile
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: bertkit.tokenizer writes files through here without it
+    import torch
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -21,15 +24,29 @@ PT_WEIGHTS = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Opens a temporary file beside ``path`` and moves it to ``path`` when the block ends cleanly.
+
+    The one atomic writer of bertkit: readers see either the old file or the whole new one; the new
+    file gets the permissions a plain ``open()`` would give under the current umask (mkstemp's are
+    owner-only, 0600); it is fsynced before the rename and the folder after it. On any exception
+    (Ctrl-C and SIGTERM included, see ``bertkit.cli``) the temporary file is removed.
+
+    Args:
+        path: The final file.
+        mode: ``"wb"`` or ``"w"`` (text, UTF-8, ``\\n`` line endings).
+
+    Yields:
+        The open temporary file.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,6 +55,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for text (UTF-8, ``\\n`` line endings)."""
+    with atomic_writer(path, "w") as f:
+        f.write(text)
+
+
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """Checks that a file can be created in ``path``'s folder; raises an OSError naming ``what`` if not.
+
+    Called before any model time is spent, so a read-only or missing folder is reported with the
+    user's own path instead of a hidden temporary name after minutes of work.
+    """
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {path}: folder {str(folder)!r} does not exist; create it first")
+    try:  # a real probe: os.access says yes to root on a read-only file system
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what} {path}: cannot write in folder {str(folder)!r} ({err.strerror}); "
+                              "choose another place or fix its permissions") from None
+    return Path(path)
 
 
 def _umask() -> int:
@@ -111,6 +158,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_torch_bin(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads a ``pytorch_model.bin`` with ``weights_only=True``: pickle that would run code is refused."""
+    import torch
+
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -23,25 +23,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..checkpoints.io import atomic_write_bytes
+from ..checkpoints.io import atomic_write_bytes, atomic_writer
 from .tasks import pad, rust_tokenizer
 
 MANIFEST = "manifest.json"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_writer(path) as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _say(message: str) -> None:
