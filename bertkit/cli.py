@@ -394,6 +394,15 @@ COMMANDS: dict[str, Command] = {
         examples="  bertkit pretrain --corpus corpus.txt --preset bert-tiny --out runs/tiny\n"
                  "  bertkit pretrain --corpus corpus.txt --model ./my-bert --nsp --out runs/continued",
         arguments=_lazy(".train.cli", "add_pretrain_arguments"), run=_lazy(".train.cli", "run_pretrain")),
+    "serve": Command(
+        help="HTTP server: TEI/OpenAI embeddings, rerank, predict (needs bertkit[serve])",
+        description="Serve models over HTTP with TEI's routes (/embed, /rerank, /predict, /tokenize, /info, "
+                    "/health, /metrics) and OpenAI's /v1/embeddings; concurrent requests are batched by a "
+                    "token budget. SIGTERM drains and exits 0. Details: docs/serving.md.",
+        examples="  bertkit serve --port 8080\n"
+                 "  bertkit serve --model minilm=./all-MiniLM-L6-v2 --model ./ms-marco-MiniLM-L-6-v2 \\\n"
+                 "      --max-batch-tokens 8192 --api-key $KEY",
+        arguments=_lazy(".serving.cli", "add_serve_arguments"), run=_lazy(".serving.cli", "run_serve")),
 }
 
 

