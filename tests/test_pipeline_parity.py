@@ -1,0 +1,143 @@
+"""Pipelines and CrossEncoder give transformers' / sentence-transformers' results on tiny random models they saved.
+
+Every model is built by the reference library, saved as a user would save it, and loaded from that folder by
+bertkit. Weights are scaled up so the predicted labels vary from token to token (a near-uniform random head
+would make every comparison a tie).
+"""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import bertkit
+from bertkit.encoder import bundled_model_dir
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128)
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "MISC"]
+TEXTS = ["I loved it", "The hotel in Paris was run by Jean-Pierre Dupont and his wife.", "ok",
+         "Unbelievably, extraordinary hospitality from Mr. Oyelaran at the Zürich branch!!"]
+
+
+def save_reference(folder, cls, scale=4.0, **config):
+    """A tiny random transformers model with the bundled tokenizer, saved to ``folder``."""
+    tok = transformers.AutoTokenizer.from_pretrained(bundled_model_dir())
+    torch.manual_seed(0)
+    model = cls(transformers.BertConfig(vocab_size=len(tok), **TINY, **config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(scale)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    save_reference(root / "seq", transformers.BertForSequenceClassification, num_labels=3)
+    save_reference(root / "tok", transformers.BertForTokenClassification, scale=6.0,
+                   id2label=dict(enumerate(NER_LABELS)), label2id={k: i for i, k in enumerate(NER_LABELS)})
+    save_reference(root / "mlm", transformers.BertForMaskedLM)
+    save_reference(root / "ce", transformers.BertForSequenceClassification, num_labels=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def quiet_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_same(ours, theirs, path="out"):
+    """Same structure, keys, labels and strings; floats within 1e-5."""
+    if isinstance(theirs, dict):
+        assert set(ours) == set(theirs), f"{path}: keys {sorted(ours)} != {sorted(theirs)}"
+        for k in theirs:
+            assert_same(ours[k], theirs[k], f"{path}.{k}")
+    elif isinstance(theirs, (list, tuple)):
+        assert isinstance(ours, (list, tuple)) and len(ours) == len(theirs), f"{path}: {ours} != {theirs}"
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{path}[{i}]")
+    elif isinstance(theirs, (float, np.floating)):
+        assert math.isclose(float(ours), float(theirs), abs_tol=1e-5), f"{path}: {ours} != {theirs}"
+    else:
+        assert ours == theirs, f"{path}: {ours!r} != {theirs!r}"
+
+
+# ------------------------------------------------------------------------------------ text classification
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": None}, {"top_k": 2, "function_to_apply": "sigmoid"},
+                                    {"function_to_apply": "none"}])
+def test_text_classification_matches_transformers(folders, kwargs):
+    theirs = transformers.pipeline("text-classification", model=str(folders / "seq"))
+    ours = bertkit.pipeline(model=folders / "seq")  # the task comes from config.json's architectures
+    assert ours.task == "text-classification"
+    inputs = TEXTS + [{"text": "is it far?", "text_pair": "It is two hours by train."}]
+    assert_same(ours(inputs, **kwargs), theirs(inputs, **kwargs))
+    assert_same(ours(TEXTS[1], **kwargs), theirs(TEXTS[1], **kwargs))  # one string: its own output shape
+    assert_same(ours(inputs[-1], **kwargs), theirs(inputs[-1], **kwargs))  # one pair
+
+
+def test_text_classification_truncates_long_texts_without_tokenizing_them(folders):
+    pipe = bertkit.pipeline("text-classification", folders / "seq", max_length=32)
+    long = "word " * 200_000  # a megabyte: clipped to a bounded prefix before tokenizing
+    rows = pipe.tokenize([long, "short text"])
+    assert len(rows[0].input_ids) == 32 and rows[0].input_ids[-1] == pipe.tokenizer.sep_token_id
+    full = pipe.tokenizer("word " * 100, max_length=32, return_tensors=None)["input_ids"]
+    assert rows[0].input_ids == full
+    # one padding-free batch of mixed rows gives the same logits as each row alone
+    together = pipe.score_rows(rows)
+    alone = torch.cat([pipe.score_rows([r]) for r in rows])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ cross-encoder
+PAIRS = [("how do plants grow?", "Plants grow by photosynthesis, turning light into sugar."),
+         ("how do plants grow?", "The train leaves at noon. " * 120),  # longer than max_length: truncated
+         ("what is bert", "a transformer encoder"), ("a", "b")]
+
+
+@pytest.mark.parametrize("saved_activation", [None, "Tanh"])
+def test_cross_encoder_matches_sentence_transformers(folders, tmp_path, saved_activation):
+    from sentence_transformers import CrossEncoder as Reference
+
+    folder = folders / "ce"
+    if saved_activation:  # a sentence-transformers folder that saved its activation function
+        Reference(str(folder), activation_fn=getattr(torch.nn, saved_activation)()).save(str(tmp_path / "st"))
+        folder = tmp_path / "st"
+    theirs, ours = Reference(str(folder)), bertkit.CrossEncoder.from_pretrained(folder)
+    assert type(ours.activation_fn).__name__ == (saved_activation or "Sigmoid")
+    np.testing.assert_allclose(ours.predict(PAIRS), theirs.predict(PAIRS), atol=1e-6)
+    np.testing.assert_allclose(ours.predict(PAIRS[0]), theirs.predict(PAIRS[0]), atol=1e-6)  # one pair
+    np.testing.assert_allclose(ours.predict(PAIRS, batch_size=3, activation_fn=torch.nn.Identity()),
+                               theirs.predict(PAIRS, batch_size=3, activation_fn=torch.nn.Identity()), atol=1e-5)
+    docs = [d for _, d in PAIRS]
+    for kwargs in ({}, {"top_k": 2, "return_documents": True}):
+        assert_same(ours.rank(PAIRS[0][0], docs, **kwargs), theirs.rank(PAIRS[0][0], docs, **kwargs))
+
+
+def test_cross_encoder_on_a_multi_label_classifier(folders):
+    from sentence_transformers import CrossEncoder as Reference
+
+    theirs, ours = Reference(str(folders / "seq")), bertkit.CrossEncoder.from_pretrained(folders / "seq")
+    np.testing.assert_allclose(ours.predict(PAIRS), theirs.predict(PAIRS), atol=1e-6)  # Identity: logits
+    np.testing.assert_allclose(ours.predict(PAIRS, apply_softmax=True), theirs.predict(PAIRS, apply_softmax=True),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="rank\\(\\) needs a model with one label, this one has 3"):
+        ours.rank("q", ["d"])
+
+
+def test_cross_encoder_rows_batch_across_requests(folders):
+    ce = bertkit.CrossEncoder.from_pretrained(folders / "ce")
+    first, second = ce.tokenize(PAIRS[:2]), ce.tokenize(PAIRS[2:])
+    mixed = ce.score_rows(second + first)  # two "requests" in one padding-free batch
+    np.testing.assert_allclose(mixed.numpy(), np.concatenate([ce.predict(PAIRS[2:]), ce.predict(PAIRS[:2])]),
+                               atol=1e-6)
+    assert len(first[1].input_ids) == ce.max_length
