@@ -406,8 +406,14 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Builds the ``bertkit`` argument parser from :data:`COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Builds the ``bertkit`` argument parser from :data:`COMMANDS`.
+
+    Args:
+        only: Fill in the arguments of this subcommand only ("" for none). Some argument builders import
+            torch (seconds); :func:`main` passes the command named on the command line, so `bertkit --help`,
+            `--version` and argument errors of light commands stay quick. None builds every subcommand.
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="bertkit", description="bertkit: the BERT family in PyTorch.",
@@ -418,9 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
         child = sub.add_parser(name, help=command.help, description=command.description,
                                epilog="examples:\n" + command.examples,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.arguments(child)
+        if only is None or only == name:
+            command.arguments(child)
         child.set_defaults(run=command.run)
     return parser
+
+
+def _command_name(argv: Sequence[str]) -> str:
+    # The top-level parser has only options without values (-h, --version): the first other word is the command.
+    return next((word for word in argv if not word.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -432,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a usage or input error (message on stderr), 130 when interrupted.
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_name(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors: return the status, don't exit
