@@ -1,8 +1,8 @@
 """ONNX export of bertkit models, float or QDQ (QuantizeLinear/DequantizeLinear pairs).
 
 Uses ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``): the dynamo exporter needs
-``onnxscript``, which bertkit does not depend on. Each enabled quantizer becomes, through the
-``symbolic`` of :class:`_QDQ`::
+``onnxscript``, which bertkit does not depend on. Each enabled quantizer becomes, through
+:func:`bertkit.quant.quantizer.qdq` (beside the fake quantization it stands for)::
 
     x -> [Max(x, -amax)] -> QuantizeLinear(scale, zero_point=0, axis) -> DequantizeLinear -> ...
 
@@ -21,62 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.onnx import symbolic_helper
 
-from .quantizer import _EPS, fake_quant, quant_bounds
 from .transform import quantizers
 
 OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "logits", "prediction_logits", "seq_relationship_logits",
                  "start_logits", "end_logits")
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
-
-
-class _QDQ(torch.autograd.Function):
-    """Fake quantization during tracing; a Q/DQ pair in the ONNX graph.
-
-    ``symbolic`` needs amax as a constant ("t"): :func:`qdq` passes a fresh ``torch.tensor`` built from
-    the values (a constant in the trace); the ``_amax`` buffer itself would be a graph parameter.
-    """
-
-    @staticmethod
-    def forward(ctx, x, amax, num_bits, unsigned, narrow_range):
-        return fake_quant(x, amax, num_bits, unsigned, narrow_range)
-
-    @staticmethod
-    @symbolic_helper.parse_args("v", "t", "i", "b", "b")
-    def symbolic(g, x, amax, num_bits, unsigned, narrow_range):
-        if num_bits != 8:
-            raise ValueError(f"ONNX QuantizeLinear is 8-bit; a {num_bits}-bit quantizer cannot be exported "
-                             "(export with 8 bits, or disable that quantizer)")
-        _, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
-        amax = amax.float()
-        if bool((amax <= _EPS).all()):  # fake_quant gives zeros; a zero scale is invalid in ONNX
-            return g.op("Mul", x, g.op("Constant", value_t=torch.tensor(0.0)))
-        scale = torch.where(amax <= _EPS, torch.ones_like(amax), amax) / max_bound
-        zp_dtype = torch.uint8 if unsigned else torch.int8
-        kwargs = {}
-        if amax.numel() > 1:
-            channel_dims = [d for d, size in enumerate(amax.shape) if size > 1]
-            if len(channel_dims) != 1:
-                raise ValueError(f"amax of shape {tuple(amax.shape)} varies along several axes; ONNX "
-                                 "QuantizeLinear supports one channel axis")
-            kwargs["axis_i"] = channel_dims[0]
-            scale = scale.flatten()
-        else:
-            scale = scale.reshape(())
-        zero_point = torch.zeros(scale.shape, dtype=zp_dtype)
-        if narrow_range and not unsigned:
-            x = g.op("Max", x, g.op("Constant", value_t=-amax))
-        scale_c = g.op("Constant", value_t=scale)
-        zp_c = g.op("Constant", value_t=zero_point)
-        q = g.op("QuantizeLinear", x, scale_c, zp_c, **kwargs)
-        return g.op("DequantizeLinear", q, scale_c, zp_c, **kwargs)
-
-
-def qdq(x: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool, narrow_range: bool) -> torch.Tensor:
-    """What an enabled :class:`TensorQuantizer` runs while ``torch.onnx.export`` traces it."""
-    constant = torch.tensor(amax.detach().cpu().tolist(), dtype=torch.float32, device=x.device)
-    return _QDQ.apply(x, constant, num_bits, unsigned, narrow_range)
 
 
 class _Exported(nn.Module):

@@ -86,6 +86,61 @@ class FakeQuantFunction(torch.autograd.Function):
         return grad_x, grad_amax, None, None, None
 
 
+class _QDQ(torch.autograd.Function):
+    """Fake quantization during ``torch.onnx.export`` tracing; a QuantizeLinear/DequantizeLinear pair in the graph.
+
+    ``symbolic`` needs amax as a constant ("t"): :func:`qdq` passes a fresh ``torch.tensor`` built from
+    the values (a constant in the trace); the ``_amax`` buffer itself would be a graph parameter.
+    ``bertkit.quant.onnx_export`` explains the graph: ``x -> [Max(x, -amax)] -> QuantizeLinear -> DequantizeLinear``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, amax, num_bits, unsigned, narrow_range):
+        return fake_quant(x, amax, num_bits, unsigned, narrow_range)
+
+    @staticmethod
+    def symbolic(g, x, amax, num_bits, unsigned, narrow_range):
+        from torch.onnx import symbolic_helper  # export only: keeps `import bertkit.quant` light
+
+        return symbolic_helper.parse_args("v", "t", "i", "b", "b")(_qdq_graph)(g, x, amax, num_bits, unsigned,
+                                                                               narrow_range)
+
+
+def _qdq_graph(g, x, amax, num_bits, unsigned, narrow_range):
+    if num_bits != 8:
+        raise ValueError(f"ONNX QuantizeLinear is 8-bit; a {num_bits}-bit quantizer cannot be exported "
+                         "(export with 8 bits, or disable that quantizer)")
+    _, max_bound = quant_bounds(num_bits, unsigned, narrow_range)
+    amax = amax.float()
+    if bool((amax <= _EPS).all()):  # fake_quant gives zeros; a zero scale is invalid in ONNX
+        return g.op("Mul", x, g.op("Constant", value_t=torch.tensor(0.0)))
+    scale = torch.where(amax <= _EPS, torch.ones_like(amax), amax) / max_bound
+    zp_dtype = torch.uint8 if unsigned else torch.int8
+    kwargs = {}
+    if amax.numel() > 1:
+        channel_dims = [d for d, size in enumerate(amax.shape) if size > 1]
+        if len(channel_dims) != 1:
+            raise ValueError(f"amax of shape {tuple(amax.shape)} varies along several axes; ONNX "
+                             "QuantizeLinear supports one channel axis")
+        kwargs["axis_i"] = channel_dims[0]
+        scale = scale.flatten()
+    else:
+        scale = scale.reshape(())
+    zero_point = torch.zeros(scale.shape, dtype=zp_dtype)
+    if narrow_range and not unsigned:
+        x = g.op("Max", x, g.op("Constant", value_t=-amax))
+    scale_c = g.op("Constant", value_t=scale)
+    zp_c = g.op("Constant", value_t=zero_point)
+    q = g.op("QuantizeLinear", x, scale_c, zp_c, **kwargs)
+    return g.op("DequantizeLinear", q, scale_c, zp_c, **kwargs)
+
+
+def qdq(x: torch.Tensor, amax: torch.Tensor, num_bits: int, unsigned: bool, narrow_range: bool) -> torch.Tensor:
+    """What an enabled :class:`TensorQuantizer` runs while ``torch.onnx.export`` traces it."""
+    constant = torch.tensor(amax.detach().cpu().tolist(), dtype=torch.float32, device=x.device)
+    return _QDQ.apply(x, constant, num_bits, unsigned, narrow_range)
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes a tensor; pytorch-quantization's ``TensorQuantizer`` API and checkpoint names.
 
@@ -235,8 +290,6 @@ class TensorQuantizer(nn.Module):
             raise RuntimeError(f"{self._label()} has no amax: calibrate the model (bertkit.quant.calibrate), "
                                "load a quantized checkpoint, or disable this quantizer")
         if torch.onnx.is_in_onnx_export():
-            from .onnx_export import qdq
-
             return qdq(x, self._amax, self.num_bits, self.unsigned, self.narrow_range)
         if self.unsigned and bool((x < 0).any()):
             raise ValueError(f"{self._label()} is unsigned but its input has negative values; "
