@@ -8,8 +8,9 @@ long document shares its batch with whatever fits beside it:
                                                                       (rows x longest row, the cost
                                                                        of the re-padded attention)
 
-A short query therefore waits at most for the batch already running. A row skipped ``max_skips``
-times (because shorter rows kept arriving) goes to the front, so long documents cannot starve. A job
+A short query therefore waits at most for the batch already running. A row that has waited
+``max_skips`` batches (because shorter rows kept arriving) goes to the front, oldest first, so long
+documents cannot starve. A job
 is answered as soon as its last row is done, and a job whose client left (``cancel``) frees its rows.
 """
 
@@ -114,7 +115,8 @@ class Runner:
         # Caller holds the lock. Rows of finished or cancelled jobs are dropped here.
         live = [(job, i) for job, i in self._pending if not job.cancelled and not job.future.done()]
         aged = self._batch_seq - self.max_skips
-        live.sort(key=lambda r: (r[0].batch_seq > aged, len(r[0].rows[r[1]])))
+        # Aged rows first, oldest first (FIFO among them); then the rest, shortest first.
+        live.sort(key=lambda r: (0, r[0].enqueued, 0) if r[0].batch_seq <= aged else (1, 0, len(r[0].rows[r[1]])))
         batch, longest = [], 0
         for row in live:
             n = len(row[0].rows[row[1]])
