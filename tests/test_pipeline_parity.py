@@ -141,3 +141,58 @@ def test_cross_encoder_rows_batch_across_requests(folders):
     np.testing.assert_allclose(mixed.numpy(), np.concatenate([ce.predict(PAIRS[2:]), ce.predict(PAIRS[:2])]),
                                atol=1e-6)
     assert len(first[1].input_ids) == ce.max_length
+
+
+# ------------------------------------------------------------------------------------ token classification
+def _comparable(entities):
+    """transformers' `word` is the decoded tokens; ours is the input substring: compare the rest exactly."""
+    return [{k: v for k, v in e.items() if k != "word"} for e in entities]
+
+
+@pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
+def test_token_classification_matches_transformers(folders, strategy):
+    theirs = transformers.pipeline("token-classification", model=str(folders / "tok"), aggregation_strategy=strategy)
+    ours = bertkit.pipeline("ner", folders / "tok", aggregation_strategy=strategy)
+    for ignore in (None, []):
+        kwargs = {} if ignore is None else {"ignore_labels": ignore}
+        got, want = ours(TEXTS, **kwargs), theirs(TEXTS, **kwargs)
+        for text, a, b in zip(TEXTS, got, want):
+            assert_same(_comparable(a), _comparable(b))
+            for entity, reference in zip(a, b):
+                assert entity["word"] == text[entity["start"]:entity["end"]]
+                # the decoded tokens are the substring lower-cased, without accents and spaces
+                assert reference["word"].replace(" ", "").replace("##", "") in \
+                    entity["word"].lower().replace(" ", "").replace("ü", "u")
+    assert list(ours(TEXTS[1])[0]) == list(theirs(TEXTS[1])[0])  # same keys in the same order
+
+
+def test_aggregation_strategies_differ_on_this_model(folders):
+    """The parity test above would prove little if every strategy gave the same entities."""
+    pipe = bertkit.pipeline("ner", folders / "tok")
+    outputs = {s: str(pipe(TEXTS, aggregation_strategy=s, ignore_labels=[])) for s in
+               ["simple", "first", "average", "max"]}
+    assert len(set(outputs.values())) == 4
+    labels = {e["entity"] for row in pipe(TEXTS, ignore_labels=[]) for e in row}
+    assert {"O", "B-LOC", "I-LOC", "MISC"} <= labels, labels  # B-/I- grouping and a prefix-less label
+
+
+# ------------------------------------------------------------------------------------ fill-mask
+MASKED = ["Paris is the [MASK] of France.", "The [MASK] sat on the [MASK].", "hello [MASK]"]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 3}, {"targets": ["capital", "city", "paris", "france"]},
+                                    {"targets": "capital", "top_k": 3}])
+def test_fill_mask_matches_transformers(folders, kwargs):
+    theirs = transformers.pipeline("fill-mask", model=str(folders / "mlm"))
+    ours = bertkit.pipeline(model=folders / "mlm")
+    assert ours.task == "fill-mask"
+    assert_same(ours(MASKED, **kwargs), theirs(MASKED, **kwargs))
+    assert_same(ours(MASKED[0], **kwargs), theirs(MASKED[0], **kwargs))  # one mask: a flat list
+    assert_same(ours(MASKED[1:2], **kwargs), theirs(MASKED[1:2], **kwargs))  # two masks: a list per mask
+
+
+# ------------------------------------------------------------------------------------ feature extraction
+def test_sentence_embedding_is_the_sentence_encoder():
+    pipe = bertkit.pipeline("sentence-embedding")  # the bundled all-MiniLM-L6-v2
+    np.testing.assert_array_equal(pipe(TEXTS), bertkit.SentenceEncoder.from_pretrained().encode(TEXTS))
+    assert pipe(TEXTS[0]).shape == (384,)
