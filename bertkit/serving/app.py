@@ -96,7 +96,8 @@ class ServerState:
 
     def pick(self, name: str | None, tasks: tuple[str, ...]) -> ServedModel:
         if name is None:
-            model = next((m for m in self.models.values() if m.task in tasks), None)
+            # The first model of the route's first task (/predict prefers a classifier to a reranker).
+            model = next((m for task in tasks for m in self.models.values() if m.task == task), None)
             if model is None:
                 raise HTTPError(404, f"no model for this route: it needs a {' or '.join(tasks)} model and the "
                                 f"server has {self._listing()}", "NotFound")
@@ -328,7 +329,7 @@ async def rerank(call: Call, body: schemas.RerankRequest) -> Response:
 
 
 async def predict(call: Call, body: schemas.PredictRequest) -> Response:
-    model = call.state.pick(body.model, ("classifier",))
+    model = call.state.pick(body.model, ("classifier", "reranker"))
     rows = body.inputs["rows"]
     _check_batch(call.state, len(rows), "inputs")
     texts = [a for a, _ in rows]
