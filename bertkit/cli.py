@@ -394,6 +394,23 @@ COMMANDS: dict[str, Command] = {
         examples="  bertkit pretrain --corpus corpus.txt --preset bert-tiny --out runs/tiny\n"
                  "  bertkit pretrain --corpus corpus.txt --model ./my-bert --nsp --out runs/continued",
         arguments=_lazy(".train.cli", "add_pretrain_arguments"), run=_lazy(".train.cli", "run_pretrain")),
+    "predict": Command(
+        help="run a trained model: classify, tag entities, answer questions, fill masks",
+        description="Run a model folder (or a `bertkit finetune` run folder: its best/ model) on texts and print "
+                    "one JSON line per input, as transformers' pipelines return them. The task comes from the "
+                    "folder's config.json unless --task is given.",
+        examples="  bertkit predict --model runs/sentiment/best \"I loved it\" \"Never again\"\n"
+                 "  bertkit predict --model ./bert-ner -i news.txt -o entities.jsonl --aggregation first\n"
+                 "  bertkit predict --model ./bert-squad -i questions.jsonl      # {\"question\", \"context\"} lines\n"
+                 "  bertkit predict --model ./bert-base-uncased \"Paris is the [MASK] of France.\" --top-k 3",
+        arguments=_lazy(".pipelines.cli", "add_predict_arguments"), run=_lazy(".pipelines.cli", "cmd_predict")),
+    "rerank": Command(
+        help="rank documents for a query with a cross-encoder",
+        description="Score (query, document) pairs with a cross-encoder (sentence-transformers folder or a "
+                    "one-label sequence classifier) and print the documents best first: score, index, text.",
+        examples="  bertkit rerank --model ./ms-marco-MiniLM-L6-v2 --query \"how do plants grow\" -c corpus.txt -k 5\n"
+                 "  bertkit rerank -m ./reranker -q \"refund policy\" \"doc one\" \"doc two\" --json",
+        arguments=_lazy(".pipelines.cli", "add_rerank_arguments"), run=_lazy(".pipelines.cli", "cmd_rerank")),
     "serve": Command(
         help="HTTP server: TEI/OpenAI embeddings, rerank, predict (needs bertkit[serve])",
         description="Serve models over HTTP with TEI's routes (/embed, /rerank, /predict, /tokenize, /info, "
