@@ -10,7 +10,7 @@ from .config import BertConfig
 from .nn.embeddings import BertEmbeddings
 from .nn.heads import BertOnlyMLMHead, BertOnlyNSPHead, BertPooler, BertPreTrainingHeads
 from .nn.layer import BertEncoder
-from .nn.masks import build_attention_mask
+from .nn.masks import AttentionMask
 from .nn.padding import PackedBatch, pad, unpad
 from .outputs import (BaseModelOutput, CausalLMOutput, LogitsOutput, PreTrainingOutput,
                       QuestionAnsweringOutput)
@@ -123,12 +123,6 @@ class BertModel(BertPreTrainedModel):
         """
         config = self.config
         is_decoder = config.is_decoder if is_decoder is None else is_decoder
-        if (config.unpad_inputs if unpad is None else unpad) and self._can_unpad(
-                attention_mask, input_ids, is_decoder, past_key_values, output_attentions, head_mask,
-                encoder_hidden_states, encoder_embeds, mode):
-            _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, 0)
-            return self._forward_unpadded(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                          output_hidden_states, return_dict)
         past_length = past_key_values[0][0].shape[2] if past_key_values else 0
         if encoder_embeds is not None:
             if input_ids is not None or inputs_embeds is not None:
@@ -136,19 +130,25 @@ class BertModel(BertPreTrainedModel):
             if encoder_embeds.dim() != 3 or encoder_embeds.shape[-1] != config.hidden_size:
                 raise ValueError(f"encoder_embeds has shape {tuple(encoder_embeds.shape)}; expected "
                                  f"(batch, seq_len, {config.hidden_size})")
-            embeddings = encoder_embeds
-            if attention_mask is not None and tuple(attention_mask.shape[:2]) != tuple(embeddings.shape[:2]):
+            if attention_mask is not None and tuple(attention_mask.shape[:2]) != tuple(encoder_embeds.shape[:2]):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but encoder_embeds has "
-                                 f"shape {tuple(embeddings.shape)}")
+                                 f"shape {tuple(encoder_embeds.shape)}")
         else:
             _check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
                           past_length)
+        if (config.unpad_inputs if unpad is None else unpad) and self._can_unpad(
+                attention_mask, input_ids, is_decoder, past_key_values, output_attentions, head_mask,
+                encoder_hidden_states, encoder_embeds, mode):
+            return self._forward_unpadded(input_ids, attention_mask, token_type_ids, position_ids,
+                                          output_hidden_states, return_dict)
+        if encoder_embeds is not None:
+            embeddings = encoder_embeds
+        else:
             embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length)
         use_cache = bool((config.use_cache if use_cache is None else use_cache) and is_decoder)
         batch, seq_len = embeddings.shape[:2]
-        mask, row_keep = build_attention_mask(attention_mask, batch, seq_len, past_length + seq_len,
-                                              embeddings.dtype, embeddings.device, causal=is_decoder,
-                                              past_length=past_length)
+        mask = AttentionMask.build(attention_mask, batch, seq_len, past_length + seq_len, embeddings.dtype,
+                                   embeddings.device, causal=is_decoder, past_length=past_length)
         if mode not in (None, "text", "multimodal"):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
         if mode == "text":
@@ -157,39 +157,33 @@ class BertModel(BertPreTrainedModel):
                 past_key_values and len(past_key_values[0]) == 4):
             raise ValueError("mode='multimodal' needs encoder_hidden_states (the image features); "
                              "pass them, or use mode='text' for the text-only encoder")
-        encoder_mask = encoder_row_keep = None
+        encoder_mask = None
         if encoder_hidden_states is not None:
-            encoder_hidden_states, encoder_mask, encoder_row_keep = self._encoder_masks(
+            encoder_hidden_states, encoder_mask = self._encoder_masks(
                 encoder_hidden_states, encoder_attention_mask, batch, seq_len, embeddings)
         sequence, hidden, attentions, cross, presents = self.encoder(
-            embeddings, mask, encoder_hidden_states, encoder_mask, _head_mask(head_mask, config, embeddings.dtype),
-            past_key_values, row_keep, encoder_row_keep, bool(output_attentions), bool(output_hidden_states),
-            use_cache)
+            embeddings, attention_mask=mask, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_mask, head_mask=_head_mask(head_mask, config, embeddings.dtype),
+            past_key_values=past_key_values, output_attentions=bool(output_attentions),
+            output_hidden_states=bool(output_hidden_states), use_cache=use_cache)
         pooled = self.pooler(sequence) if self.pooler is not None else None
         out = BaseModelOutput(sequence, pooled, presents, hidden, attentions, cross)
         return out if return_dict is not False else out.to_tuple()
 
     def _can_unpad(self, attention_mask, input_ids, is_decoder, past_key_values, output_attentions, head_mask,
                    encoder_hidden_states, encoder_embeds, mode) -> bool:
-        # What needs the padded (B, L) layout inside the layers falls back to it: caches, causal masks,
-        # probabilities, head masks, cross-attention, relative positions, enabled QDQ quantizers.
+        # What needs the padded (B, L) layout falls back to it: caches, causal masks, probabilities, head
+        # masks, cross-attention, and whatever the layers say they need (encoder.needs_padded_layout).
         if attention_mask is None or attention_mask.dim() != 2 or input_ids is None or input_ids.dim() != 2:
             return False
         if is_decoder or past_key_values or output_attentions or head_mask is not None or encoder_embeds is not None:
             return False
         if encoder_hidden_states is not None and mode != "text":
             return False
-        if self.config.position_embedding_type != "absolute" or self.config.attn_implementation == "eager":
-            return False
-        for layer in self.encoder.layer:
-            attn = layer.attention.self
-            quant = attn._modules.get("matmul_a_input_quantizer")
-            if attn.save_attention or (quant is not None and quant.is_enabled) or attn.num_attention_heads == 0:
-                return False
-        return True
+        return not self.encoder.needs_padded_layout
 
-    def _forward_unpadded(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                          output_hidden_states, return_dict):
+    def _forward_unpadded(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                          return_dict):
         batch, length = input_ids.shape
         packed = PackedBatch.from_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
         if position_ids is None:
@@ -199,7 +193,8 @@ class BertModel(BertPreTrainedModel):
         embeddings = self.embeddings(unpad(input_ids, pick),
                                      unpad(token_type_ids, pick) if token_type_ids is not None else None,
                                      unpad(position_ids, pick))
-        sequence, hidden, _, _, _ = self.encoder(embeddings, packed, output_hidden_states=bool(output_hidden_states))
+        sequence, hidden, _, _, _ = self.encoder(embeddings, attention_mask=packed,
+                                                 output_hidden_states=bool(output_hidden_states))
         sequence = pad(sequence, pick, batch, length)
         if hidden is not None:
             hidden = tuple(pad(h, pick, batch, length) for h in hidden)
@@ -208,7 +203,7 @@ class BertModel(BertPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
     def _encoder_masks(self, states, masks, batch, seq_len, embeddings):
-        """Validates the cross-attended states and builds their additive masks (one per entry of a list)."""
+        """Validates the cross-attended states and builds their mask objects (one per entry of a list)."""
         if not hasattr(self.encoder.layer[0] if len(self.encoder.layer) else self, "crossattention"):
             raise ValueError("encoder_hidden_states were given but the model has no cross-attention; "
                              "build it with config.add_cross_attention=True")
@@ -218,7 +213,7 @@ class BertModel(BertPreTrainedModel):
         if len(masks_list) != len(states_list):
             raise ValueError(f"got {len(states_list)} encoder_hidden_states but {len(masks_list)} encoder_attention_masks")
         width = self.config.encoder_width or self.config.hidden_size
-        built, keeps = [], []
+        built = []
         for st, m in zip(states_list, masks_list):
             if st.dim() != 3 or st.shape[-1] != width:
                 raise ValueError(
@@ -227,20 +222,20 @@ class BertModel(BertPreTrainedModel):
             if m is not None and m.shape[-1] != st.shape[1]:
                 raise ValueError(f"encoder_attention_mask has shape {tuple(m.shape)} but encoder_hidden_states "
                                  f"has {st.shape[1]} positions")
-            additive, keep = build_attention_mask(m, batch, seq_len, st.shape[1], embeddings.dtype, embeddings.device)
-            built.append(additive)
-            keeps.append(keep)
+            built.append(AttentionMask.build(m, batch, seq_len, st.shape[1], embeddings.dtype, embeddings.device))
         if many:
-            return states_list, built, keeps
-        return states_list[0], built[0], keeps[0]
+            return states_list, built
+        return states_list[0], built[0]
 
 
-class _WithBert(BertPreTrainedModel):
-    """A task model: ``self.bert`` plus a head; passes the encoder's optional outputs through."""
+class BertTaskModel(BertPreTrainedModel):
+    """Base of the task models: ``self.bert`` (a :class:`BertModel`) plus a head and its loss."""
 
     def _bert(self, input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
               output_attentions, output_hidden_states, **extra):
-        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+        # The encoder's optional outputs (hidden states, attentions, cache) pass through to the task output.
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                         position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          return_dict=True, **extra)
 
@@ -261,7 +256,7 @@ class _WithBert(BertPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
-class BertForPreTraining(_WithBert):
+class BertForPreTraining(BertTaskModel):
     """Masked LM + next-sentence prediction; loss is their sum when both label sets are given."""
 
     def __init__(self, config: BertConfig):
@@ -285,7 +280,7 @@ class BertForPreTraining(_WithBert):
         return self._finish(PreTrainingOutput(loss, scores, nsp, out.hidden_states, out.attentions), return_dict)
 
 
-class BertForMaskedLM(_WithBert):
+class BertForMaskedLM(BertTaskModel):
     """Masked LM.
 
     With ``sparse_prediction=True`` (argument, or ``config.sparse_prediction``) and ``labels`` given, the
@@ -315,7 +310,7 @@ class BertForMaskedLM(_WithBert):
         return self._finish(LogitsOutput(loss, scores, out.hidden_states, out.attentions), return_dict)
 
 
-class BertLMHeadModel(_WithBert):
+class BertLMHeadModel(BertTaskModel):
     """Left-to-right LM: loss on logits shifted by one position (BERT decoder, BLIP's caption decoder).
 
     Causal by default whatever ``config.is_decoder`` says (an LM head predicts the next token); pass
@@ -363,7 +358,7 @@ class BertLMHeadModel(_WithBert):
         return generate(self, input_ids, **kwargs)
 
 
-class BertForNextSentencePrediction(_WithBert):
+class BertForNextSentencePrediction(BertTaskModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config)
@@ -399,7 +394,7 @@ def sequence_classification_loss(config: BertConfig, logits: torch.Tensor, label
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-class BertForSequenceClassification(_WithBert):
+class BertForSequenceClassification(BertTaskModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -417,7 +412,7 @@ class BertForSequenceClassification(_WithBert):
         return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
 
 
-class BertForMultipleChoice(_WithBert):
+class BertForMultipleChoice(BertTaskModel):
     """Inputs are (batch, num_choices, seq_len); each choice is scored from its pooled output."""
 
     def __init__(self, config: BertConfig):
@@ -444,7 +439,7 @@ class BertForMultipleChoice(_WithBert):
         return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
 
 
-class BertForTokenClassification(_WithBert):
+class BertForTokenClassification(BertTaskModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -464,7 +459,7 @@ class BertForTokenClassification(_WithBert):
         return self._finish(LogitsOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
 
 
-class BertForQuestionAnswering(_WithBert):
+class BertForQuestionAnswering(BertTaskModel):
     """Span start/end logits; gold positions outside the input are clamped to ``seq_len`` and ignored."""
 
     def __init__(self, config: BertConfig):

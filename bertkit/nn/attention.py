@@ -1,4 +1,17 @@
-"""Self- and cross-attention on one module, SDPA by default, explicit softmax when probabilities are needed."""
+"""Self- and cross-attention on one module: project q/k/v, then one attention function, chosen once.
+
+=====================  ====================================================================================
+``packed_attention``   the mask is a :class:`PackedBatch`: packed ``(T, hidden)`` tokens, attention per
+                       sequence (varlen flash attention on CUDA, re-padded SDPA elsewhere)
+``sdpa_attention``     the default: ``F.scaled_dot_product_attention``, no probabilities
+``eager_attention``    explicit softmax, when the probabilities are needed: ``output_attentions``,
+                       ``head_mask``, ``save_attention`` (Grad-CAM), enabled QDQ matmul quantizers,
+                       ``config.attn_implementation == "eager"``
+=====================  ====================================================================================
+
+Each function takes ``(module, q, k, v, mask, head_mask)`` with q/k/v as ``(B, heads, L, D)`` (``(T, heads,
+D)`` when packed) and returns ``(context, probabilities or None)``, context with tokens before heads.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BertConfig
+from .masks import AttentionMask
 from .padding import PackedBatch
+
+# QDQ-BERT hook points (pytorch-quantization's names) on the inputs of the two matmuls: q, k, v and the
+# probabilities ("a"). bertkit.quant.quantize() registers a TensorQuantizer under each name; a float
+# model has none of them, so its path stays bit for bit the float one.
+MATMUL_QUANTIZERS = ("matmul_q_input_quantizer", "matmul_k_input_quantizer", "matmul_v_input_quantizer",
+                     "matmul_a_input_quantizer")
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return module.dropout.p if module.training else 0.0
+
+
+def sdpa_attention(module, q, k, v, mask: AttentionMask, head_mask=None):
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias, dropout_p=_dropout_p(module),
+                                             scale=module.scaling)
+    if mask.row_keep is not None:
+        context = context * mask.row_keep
+    return context.transpose(1, 2), None
+
+
+def eager_attention(module, q, k, v, mask: AttentionMask, head_mask=None):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * module.scaling
+    if mask.bias is not None:
+        scores = scores + mask.bias
+    probs = scores.softmax(dim=-1)
+    if mask.row_keep is not None:
+        probs = probs * mask.row_keep
+    if module.save_attention:
+        module.save_attention_map(probs)
+        if probs.requires_grad:
+            probs.register_hook(module.save_attn_gradients)
+    probs = module.dropout(probs)
+    if head_mask is not None:
+        probs = probs * head_mask
+    weights = module.matmul_a_input_quantizer(probs) if module.quantizes_matmuls else probs
+    return torch.matmul(weights, v).transpose(1, 2), probs
+
+
+def packed_attention(module, q, k, v, mask: PackedBatch, head_mask=None):
+    return mask.attend(q, k, v, module.scaling, _dropout_p(module)), None
 
 
 class BertSelfAttention(nn.Module):
@@ -16,6 +70,8 @@ class BertSelfAttention(nn.Module):
     One module serves self-attention and cross-attention: for cross-attention the keys and values
     come from ``kv_states`` (image features in BLIP, of width ``config.encoder_width``).
     """
+
+    quantizer_hooks = MATMUL_QUANTIZERS  # see MATMUL_QUANTIZERS; called in forward and eager_attention
 
     def __init__(self, config: BertConfig, is_cross_attention: bool = False, pruned_heads: int = 0):
         super().__init__()
@@ -81,29 +137,24 @@ class BertSelfAttention(nn.Module):
             scores = scores + torch.einsum("bhrd,lrd->bhlr", k, emb)
         return scores
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv_states: torch.Tensor | None = None,
-        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-        head_mask: torch.Tensor | None = None,
-        row_keep: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        use_cache: bool = False,
-    ):
-        """Returns ``(context (B, L, H*D), probabilities or None, (key, value) or None)``.
+    @property
+    def quantizes_matmuls(self) -> bool:
+        """True when QDQ quantizers act on the matmul inputs. The four act together, switched by the one
+        on the probabilities: enabled, they need the explicit path (the probabilities themselves are
+        quantized); disabled, the float computation stays untouched, bit for bit."""
+        quantizer = self._modules.get("matmul_a_input_quantizer")  # absent in a float model
+        return quantizer is not None and quantizer.is_enabled
 
-        ``attention_mask`` is additive, broadcastable to (B, H, Q, K); ``row_keep`` (B, 1, Q, 1) zeroes
-        query rows that may attend to nothing, so they give zeros rather than NaN.
-        """
-        if isinstance(attention_mask, PackedBatch):
-            # Padding-free path: (T, hidden) tokens; the packed batch knows where each sequence starts.
-            t = hidden_states.shape[0]
-            q, k, v = (x.view(t, self.num_attention_heads, self.attention_head_size)
-                       for x in self._project_qkv(hidden_states))
-            context = attention_mask.attend(q, k, v, self.scaling, self.dropout.p if self.training else 0.0)
-            return context.reshape(t, self.all_head_size), None, None
+    @property
+    def needs_padded_layout(self) -> bool:
+        """True when this module cannot run on packed tokens (see :class:`bertkit.nn.padding.PackedBatch`):
+        relative positions, the explicit softmax, saved attention maps, enabled matmul quantizers, or every
+        head pruned."""
+        return (self.position_embedding_type != "absolute" or self.config.attn_implementation == "eager"
+                or self.save_attention or self.quantizes_matmuls or self.num_attention_heads == 0)
+
+    def _project(self, hidden_states, kv_states, past_key_value):
+        """q, k, v as ``(B, heads, L, D)``, with the cache prepended to k/v; and the cached length."""
         past_length = 0
         if self.is_cross_attention:
             q = self._heads(self.query(hidden_states))
@@ -117,47 +168,39 @@ class BertSelfAttention(nn.Module):
                 past_length = past_key_value[0].shape[2]
                 k = torch.cat([past_key_value[0], k], dim=2)
                 v = torch.cat([past_key_value[1], v], dim=2)
-        present = (k, v) if use_cache else None
+        return q, k, v, past_length
 
-        bias = attention_mask
+    def _attention_function(self, output_attentions: bool, head_mask):
+        if (output_attentions or head_mask is not None or self.save_attention or self.quantizes_matmuls
+                or self.config.attn_implementation == "eager"):
+            return eager_attention
+        return sdpa_attention
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: AttentionMask | PackedBatch | None = None,
+                kv_states: torch.Tensor | None = None, past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+                head_mask: torch.Tensor | None = None, output_attentions: bool = False, use_cache: bool = False):
+        """Returns ``(context (..., L, H*D), probabilities or None, (key, value) or None)``.
+
+        ``attention_mask`` is an :class:`AttentionMask` for padded ``(B, L, hidden)`` states, or a
+        :class:`PackedBatch` for packed ``(T, hidden)`` tokens (no cache, no probabilities there).
+        """
+        if isinstance(attention_mask, PackedBatch):
+            t = hidden_states.shape[0]
+            q, k, v = (x.view(t, self.num_attention_heads, self.attention_head_size)
+                       for x in self._project_qkv(hidden_states))
+            context, _ = packed_attention(self, q, k, v, attention_mask)
+            return context.reshape(t, self.all_head_size), None, None
+        mask = attention_mask if attention_mask is not None else AttentionMask()
+        q, k, v, past_length = self._project(hidden_states, kv_states, past_key_value)
+        present = (k, v) if use_cache else None
         if self.position_embedding_type != "absolute":
             # HF adds relative scores before scaling; SDPA scales q.k only, so scale them here.
-            rel = self._relative_scores(q, k, past_length) * self.scaling
-            bias = rel if bias is None else rel + bias
-
-        dropout_p = self.dropout.p if self.training else 0.0
-        eager = (output_attentions or head_mask is not None or self.save_attention
-                 or self.config.attn_implementation == "eager")
-        # QDQ-BERT (bertkit.quant.quantize) adds fake quantizers on the four matmul inputs. Enabled ones
-        # need the explicit path, since the probabilities themselves are quantized; disabled ones leave the
-        # float computation untouched, bit for bit.
-        quant = self._modules.get("matmul_a_input_quantizer")
-        if quant is not None and quant.is_enabled:
-            eager = True
+            mask = mask.plus(self._relative_scores(q, k, past_length) * self.scaling)
+        attend = self._attention_function(output_attentions, head_mask)
+        if self.quantizes_matmuls:
             q = self.matmul_q_input_quantizer(q)
             k = self.matmul_k_input_quantizer(k)
             v = self.matmul_v_input_quantizer(v)
-        else:
-            quant = None
-        if eager:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
-            if bias is not None:
-                scores = scores + bias
-            probs = scores.softmax(dim=-1)
-            if row_keep is not None:
-                probs = probs * row_keep
-            if self.save_attention:
-                self.save_attention_map(probs)
-                if probs.requires_grad:
-                    probs.register_hook(self.save_attn_gradients)
-            probs = self.dropout(probs)
-            if head_mask is not None:
-                probs = probs * head_mask
-            context = torch.matmul(probs if quant is None else quant(probs), v)
-        else:
-            probs = None
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scaling)
-            if row_keep is not None:
-                context = context * row_keep
-        context = context.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)
+        context, probs = attend(self, q, k, v, mask, head_mask)
+        context = context.reshape(*hidden_states.shape[:-1], self.all_head_size)
         return context, (probs if output_attentions else None), present

@@ -17,8 +17,10 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         if config.type_vocab_size:  # BLIP's text model has none
             self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        if not config.pre_norm:  # Megatron-BERT normalises inside each layer instead
-            self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # A norm slot (see nn/layer.py): LayerNorm for BERT, Identity for Megatron-BERT, which normalises
+        # inside each layer instead.
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if not config.pre_norm \
+            else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
@@ -32,6 +34,4 @@ class BertEmbeddings(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(past_length, past_length + x.shape[-2], device=x.device)
             x = x + self.position_embeddings(position_ids)
-        if hasattr(self, "LayerNorm"):
-            x = self.LayerNorm(x)
-        return self.dropout(x)
+        return self.dropout(self.LayerNorm(x))

@@ -1,7 +1,19 @@
-"""The transformer layer and encoder. One flag, ``config.norm_placement``, gives BERT or Megatron-BERT:
+"""The transformer layer and encoder. One flag, ``config.norm_placement``, gives BERT or Megatron-BERT.
 
-    post (BERT):           x = LN(x + attn(x));     x = LN(x + mlp(x))
-    pre  (Megatron-BERT):  x = x + attn(ln(x));     x = x + mlp(ln(x));  final ln after the last layer
+Every norm is a *slot*: a LayerNorm where the variant has one, ``nn.Identity()`` (no state, so no
+checkpoint key) where it has none. Both layouts then run the same lines: each block is
+``x = post(x + branch(pre(x)))``::
+
+    post (BERT)                                 pre (Megatron-BERT)
+    embeddings -> LayerNorm                     embeddings                      (LayerNorm = Identity)
+    +-- layer ---------------------------+      +-- layer ---------------------------+
+    | x = LN(x + attn(x))                |      | x = x + attn(ln(x))                |
+    |     attention.output.LayerNorm     |      |     attention.ln                   |
+    | x = LN(x + mlp(x))                 |      | x = x + mlp(ln(x))                 |
+    |     output.LayerNorm               |      |     ln                             |
+    +------------------------------------+      +------------------------------------+
+    (attention.ln, ln, encoder.ln = Identity)   encoder.ln after the last layer
+                                                (attention.output.LayerNorm, output.LayerNorm = Identity)
 
 Module names follow each variant's HF state dict, so checkpoints load by name: BERT keeps its
 norms in ``attention.output.LayerNorm`` / ``output.LayerNorm`` (the TensorFlow spelling, kept for
@@ -21,30 +33,40 @@ from ..config import BertConfig
 from ..utils import find_pruneable_heads_and_indices, prune_linear_layer
 from .activations import get_activation
 from .attention import BertSelfAttention
+from .masks import AttentionMask, as_attention_mask
+from .padding import PackedBatch
+
+# QDQ-BERT hook points (pytorch-quantization's names) on both inputs of each residual add: the branch
+# ("local") and the residual. bertkit.quant.quantize() registers a TensorQuantizer under each name; a
+# float model has none of them.
+ADD_QUANTIZERS = ("add_local_input_quantizer", "add_residual_input_quantizer")
+
+
+def norm_slot(config: BertConfig, present: bool) -> nn.Module:
+    """A LayerNorm where the variant has one, else ``nn.Identity()`` (no parameters, no checkpoint key)."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if present else nn.Identity()
 
 
 class BertSelfOutput(nn.Module):
-    """Projection after attention and the residual add (with the post-LayerNorm for BERT)."""
+    """Projection after attention and the residual add, then the post-norm slot: ``LayerNorm(branch + residual)``."""
 
     def __init__(self, config: BertConfig, in_features: int | None = None):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size if in_features is None else in_features, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        if not config.pre_norm:
-            self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = norm_slot(config, not config.pre_norm)
+
+    quantizer_hooks = ADD_QUANTIZERS  # see ADD_QUANTIZERS
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(self.dense(hidden_states))
-        if "add_local_input_quantizer" in self._modules:
-            # QDQ-BERT quantizes both inputs of the residual add (names as in pytorch-quantization checkpoints).
+        if "add_local_input_quantizer" in self._modules:  # QDQ-BERT (absent in a float model)
             hidden_states = self.add_local_input_quantizer(hidden_states)
             residual = self.add_residual_input_quantizer(residual)
-        if hasattr(self, "LayerNorm"):
-            return self.LayerNorm(hidden_states + residual)
-        return hidden_states + residual
+        return self.LayerNorm(hidden_states + residual)
 
 
-# The MLP's second half has the same shape of computation: dense, dropout, residual, (LayerNorm).
+# The MLP's second half has the same shape of computation: dense, dropout, residual, post-norm slot.
 class BertOutput(BertSelfOutput):
     def __init__(self, config: BertConfig):
         super().__init__(config, in_features=config.intermediate_size)
@@ -61,12 +83,11 @@ class BertIntermediate(nn.Module):
 
 
 class BertAttention(nn.Module):
-    """Attention block: (pre-norm ``ln``), ``self`` (the heads) and ``output`` (projection + residual)."""
+    """Attention block: pre-norm slot ``ln``, ``self`` (the heads), ``output`` (projection, residual, post-norm)."""
 
     def __init__(self, config: BertConfig, is_cross_attention: bool = False, pruned_heads: Iterable[int] = ()):
         super().__init__()
-        if config.pre_norm:
-            self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln = norm_slot(config, config.pre_norm)
         # Heads removed so far, in the original numbering (a checkpoint saved after pruning has the
         # smaller shapes already; config.pruned_heads says which heads are gone).
         self.pruned_heads = set(pruned_heads)
@@ -88,8 +109,9 @@ class BertAttention(nn.Module):
         self.pruned_heads |= heads
 
     def forward(self, hidden_states, attention_mask=None, kv_states=None, past_key_value=None, head_mask=None,
-                row_keep=None, output_attentions=False, use_cache=False):
-        normed = self.ln(hidden_states) if hasattr(self, "ln") else hidden_states
+                output_attentions=False, use_cache=False):
+        """Returns ``(hidden_states, probabilities or None, (key, value) or None)``."""
+        normed = self.ln(hidden_states)
         if self.self.num_attention_heads == 0:
             # Every head pruned: the block adds only the output bias to the residual stream.
             context = normed.new_zeros(*normed.shape[:-1], 0)
@@ -102,12 +124,15 @@ class BertAttention(nn.Module):
             # The mask is given for the original heads; keep the entries of the heads still here.
             kept = [h for h in range(head_mask.shape[1]) if h not in self.pruned_heads]
             head_mask = head_mask[:, kept]
-        context, probs, present = self.self(normed, attention_mask, kv_states, past_key_value, head_mask,
-                                            row_keep, output_attentions, use_cache)
+        context, probs, present = self.self(normed, attention_mask=attention_mask, kv_states=kv_states,
+                                            past_key_value=past_key_value, head_mask=head_mask,
+                                            output_attentions=output_attentions, use_cache=use_cache)
         return self.output(context, hidden_states), probs, present
 
 
 class BertLayer(nn.Module):
+    """Self-attention, cross-attention when the config has it, then the MLP; see the module docstring."""
+
     def __init__(self, config: BertConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
@@ -115,25 +140,26 @@ class BertLayer(nn.Module):
         # Cross-attention exists whenever the config asks for it; BLIP's image-grounded encoder uses it too.
         if config.add_cross_attention:
             self.crossattention = BertAttention(config, is_cross_attention=True)
-        if config.pre_norm:
-            self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln = norm_slot(config, config.pre_norm)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
     def feed_forward(self, attention_output: torch.Tensor) -> torch.Tensor:
-        normed = self.ln(attention_output) if hasattr(self, "ln") else attention_output
-        return self.output(self.intermediate(normed), attention_output)
+        return self.output(self.intermediate(self.ln(attention_output)), attention_output)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                head_mask=None, past_key_value=None, row_keep=None, encoder_row_keep=None,
-                output_attentions=False, use_cache=False):
+    def forward(self, hidden_states, attention_mask: AttentionMask | PackedBatch | None = None,
+                encoder_hidden_states=None, encoder_attention_mask: AttentionMask | None = None, *,
+                head_mask=None, past_key_value=None, output_attentions=False, use_cache=False):
         """Returns ``(hidden_states, self_probs, cross_probs, present_key_value)``.
 
-        ``past_key_value`` is the legacy tuple layout: (self key, self value[, cross key, cross value]).
+        The masks are mask objects (:class:`AttentionMask`, or :class:`PackedBatch` for packed tokens); a
+        bare additive tensor is accepted too. ``past_key_value`` is the legacy tuple layout: (self key,
+        self value[, cross key, cross value]).
         """
         self_past = past_key_value[:2] if past_key_value is not None else None
-        out, self_probs, present = self.attention(hidden_states, attention_mask, None, self_past, head_mask,
-                                                  row_keep, output_attentions, use_cache)
+        out, self_probs, present = self.attention(
+            hidden_states, attention_mask=as_attention_mask(attention_mask), past_key_value=self_past,
+            head_mask=head_mask, output_attentions=output_attentions, use_cache=use_cache)
         cross_probs = None
         cross_past = past_key_value[2:4] if past_key_value is not None and len(past_key_value) == 4 else None
         if encoder_hidden_states is not None or cross_past is not None:
@@ -143,8 +169,9 @@ class BertLayer(nn.Module):
                     "build it with config.add_cross_attention=True"
                 )
             out, cross_probs, cross_present = self.crossattention(
-                out, encoder_attention_mask, encoder_hidden_states, cross_past, head_mask, encoder_row_keep,
-                output_attentions, use_cache)
+                out, attention_mask=as_attention_mask(encoder_attention_mask), kv_states=encoder_hidden_states,
+                past_key_value=cross_past, head_mask=head_mask, output_attentions=output_attentions,
+                use_cache=use_cache)
             if use_cache:
                 present = present + cross_present
         chunk = self.config.chunk_size_feed_forward
@@ -161,34 +188,45 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
-        if config.pre_norm:
-            self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln = norm_slot(config, config.pre_norm)  # Megatron-BERT's final LayerNorm
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                head_mask=None, past_key_values=None, row_keep=None, encoder_row_keep=None,
-                output_attentions=False, output_hidden_states=False, use_cache=False):
+    @property
+    def needs_padded_layout(self) -> bool:
+        """True when some layer's self-attention cannot run on packed tokens (see BertSelfAttention)."""
+        return any(layer.attention.self.needs_padded_layout for layer in self.layer)
+
+    def forward(self, hidden_states, *, attention_mask: AttentionMask | PackedBatch, encoder_hidden_states=None,
+                encoder_attention_mask=None, head_mask=None, past_key_values=None, output_attentions=False,
+                output_hidden_states=False, use_cache=False):
+        """Returns ``(hidden_states, all hidden states, self probs, cross probs, presents)``.
+
+        ``encoder_hidden_states`` / ``encoder_attention_mask`` may be lists (NLVR2's two images): layer
+        ``i`` then attends to entry ``i % len(list)``.
+        """
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_self, all_cross = ((), ()) if output_attentions else (None, None)
-        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if use_cache and checkpointing:
             # Warned here, once per forward, not once per layer.
             warnings.warn("use_cache=True does not work with gradient checkpointing; setting use_cache=False",
                           stacklevel=3)
             use_cache = False
         presents = () if use_cache else None
         for i, layer in enumerate(self.layer):
-            layer_head_mask = head_mask[i] if head_mask is not None else None
-            enc_states, enc_mask, enc_keep = encoder_hidden_states, encoder_attention_mask, encoder_row_keep
+            enc_states, enc_mask = encoder_hidden_states, encoder_attention_mask
             if isinstance(enc_states, list):  # several images (NLVR2): layer i attends to image i % n
                 j = i % len(enc_states)
-                enc_states, enc_mask, enc_keep = enc_states[j], enc_mask[j], enc_keep[j]
-            past = past_key_values[i] if past_key_values is not None else None
-            args = (hidden_states, attention_mask, enc_states, enc_mask, layer_head_mask,
-                    past, row_keep, enc_keep, output_attentions, use_cache)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, self_probs, cross_probs, present = checkpoint(layer, *args, use_reentrant=False)
+                enc_states, enc_mask = enc_states[j], enc_mask[j]
+            kwargs = dict(attention_mask=attention_mask, encoder_hidden_states=enc_states,
+                          encoder_attention_mask=enc_mask, head_mask=head_mask[i] if head_mask is not None else None,
+                          past_key_value=past_key_values[i] if past_key_values is not None else None,
+                          output_attentions=output_attentions, use_cache=use_cache)
+            if checkpointing:
+                hidden_states, self_probs, cross_probs, present = checkpoint(layer, hidden_states, use_reentrant=False,
+                                                                             **kwargs)
             else:
-                hidden_states, self_probs, cross_probs, present = layer(*args)
+                hidden_states, self_probs, cross_probs, present = layer(hidden_states, **kwargs)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:
@@ -197,10 +235,9 @@ class BertEncoder(nn.Module):
                     all_cross += (cross_probs,)
             if use_cache:
                 presents += (present,)
-        if hasattr(self, "ln"):
-            # Megatron-BERT: one final LayerNorm. As in HF, the last entry of hidden_states is the normalised
-            # output; the earlier ones stay un-normalised.
-            hidden_states = self.ln(hidden_states)
-            if output_hidden_states:
-                all_hidden = all_hidden[:-1] + (hidden_states,)
+        # Megatron-BERT's final LayerNorm (Identity for BERT). As in HF, the last entry of hidden_states is
+        # the normalised output; the earlier ones stay un-normalised.
+        hidden_states = self.ln(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
         return hidden_states, all_hidden, all_self, (all_cross or None) if output_attentions else None, presents

@@ -1,6 +1,15 @@
-"""Attention masks: additive, built once per forward, ``finfo(dtype).min`` (never -10000)."""
+"""The attention mask of a padded batch: one small object, built once per forward, passed by keyword.
+
+Attention takes one of two mask objects, chosen by the layout of the hidden states:
+
+* :class:`AttentionMask` -- padded ``(B, L, hidden)`` states: an additive ``bias`` (``finfo(dtype).min``
+  where masked, never -10000) and ``row_keep`` for query rows that may attend to nothing.
+* :class:`bertkit.nn.padding.PackedBatch` -- packed ``(T, hidden)`` tokens: where each sequence starts.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -38,12 +47,45 @@ def build_attention_mask(
     if keep is None or bool(keep.all()):
         return None, None  # nothing masked: SDPA's fastest path
     keep = keep.expand(batch, 1, keep.shape[2], k_len)
-    alive = keep.any(dim=-1, keepdim=True)  # (B, 1, Q|1, 1)
+    rows_alive = keep.any(dim=-1, keepdim=True)  # (B, 1, Q|1, 1)
     row_keep = None
-    if not bool(alive.all()):
-        keep = keep | ~alive
-        row_keep = alive.to(dtype)
+    if not bool(rows_alive.all()):
+        keep = keep | ~rows_alive
+        row_keep = rows_alive.to(dtype)
         if row_keep.shape[2] != q_len:
             row_keep = row_keep.expand(batch, 1, q_len, 1)
     additive = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
     return additive, row_keep
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """The mask of a padded batch, as every attention module reads it.
+
+    Attributes:
+        bias: Additive ``(B, 1, Q|1, K)``, broadcast over heads; None when nothing is masked (SDPA's
+            fastest path). Relative position scores are added to it (:meth:`plus`).
+        row_keep: ``(B, 1, Q, 1)`` 1/0 per query row, or None: rows with no key to attend to are
+            computed unmasked and multiplied by 0 (zeros, never NaN).
+    """
+
+    bias: torch.Tensor | None = None
+    row_keep: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, mask: torch.Tensor | None, batch: int, q_len: int, k_len: int, dtype: torch.dtype,
+              device: torch.device, causal: bool = False, past_length: int = 0) -> "AttentionMask":
+        """From a 0/1 ``(B, K)`` or ``(B, Q, K)`` mask; see :func:`build_attention_mask`."""
+        return cls(*build_attention_mask(mask, batch, q_len, k_len, dtype, device, causal, past_length))
+
+    def plus(self, scores: torch.Tensor) -> "AttentionMask":
+        """The same mask with ``scores`` added to the bias (relative position scores)."""
+        return AttentionMask(scores if self.bias is None else scores + self.bias, self.row_keep)
+
+
+def as_attention_mask(mask) -> object:
+    """A layer's ``attention_mask`` argument as a mask object: an AttentionMask or PackedBatch passes
+    through; a bare additive tensor (or None) is wrapped, for callers that build masks themselves."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return AttentionMask(bias=mask)
+    return mask

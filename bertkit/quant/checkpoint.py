@@ -18,7 +18,9 @@ import torch
 
 from ..checkpoints.io import load_state_dict
 from ..config import BertConfig
-from .transform import ADD_QUANTIZERS, CONFIG_KEY, MATMUL_QUANTIZERS, QuantConfig, quantize, quantizers
+from ..nn.attention import MATMUL_QUANTIZERS
+from ..nn.layer import ADD_QUANTIZERS
+from .transform import CONFIG_KEY, QuantConfig, quantize, quantizers
 
 logger = logging.getLogger("bertkit")
 

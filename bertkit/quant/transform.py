@@ -3,8 +3,10 @@
 Placement (HF QDQ-BERT, ``transformers`` 4.x ``models/qdqbert/modeling_qdqbert.py``): every encoder
 Linear gets a per-tensor input quantizer and a per-output-channel weight quantizer; each attention
 gets ``matmul_{q,k,v,a}_input_quantizer`` (q, k, v and the probabilities); each residual add gets
-``add_local_input_quantizer`` (the branch) and ``add_residual_input_quantizer``. The hooks that call
-them are in ``bertkit/nn/attention.py`` and ``bertkit/nn/layer.py``.
+``add_local_input_quantizer`` (the branch) and ``add_residual_input_quantizer``. These hook points are
+declared in the core, where they are called: ``MATMUL_QUANTIZERS`` on ``BertSelfAttention``
+(``bertkit/nn/attention.py``), ``ADD_QUANTIZERS`` on ``BertSelfOutput`` (``bertkit/nn/layer.py``), as
+each class's ``quantizer_hooks``; a float model has no module under those names.
 
 Heads: HF QDQ-BERT left the pooler and every head (classifier, qa_outputs, the MLM transform,
 seq_relationship, the MLM decoder) as float ``nn.Linear``. bertkit quantizes the pooler and the
@@ -36,9 +38,6 @@ from .quantizer import TensorQuantizer
 
 logger = logging.getLogger("bertkit")
 
-MATMUL_QUANTIZERS = ("matmul_q_input_quantizer", "matmul_k_input_quantizer", "matmul_v_input_quantizer",
-                     "matmul_a_input_quantizer")
-ADD_QUANTIZERS = ("add_local_input_quantizer", "add_residual_input_quantizer")
 CONFIG_KEY = "quantization_config"  # where quantize() records its QuantConfig in config.extra
 
 
@@ -160,11 +159,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             setattr(module, child_name, QuantLinear.from_linear(
                 child, per_channel=config.per_channel_weights, learn_amax=config.learn_amax,
                 quantize_input=config.linear_inputs, quantize_weight=config.linear_weights, **grid))
-        if isinstance(module, BertSelfAttention) and config.matmul_inputs:
-            for attr in MATMUL_QUANTIZERS:
-                setattr(module, attr, TensorQuantizer(learn_amax=config.learn_amax, **grid))
-        if isinstance(module, BertSelfOutput) and config.residual_adds:
-            for attr in ADD_QUANTIZERS:
+        # The core declares its hook points (module.quantizer_hooks): MATMUL_QUANTIZERS on each
+        # BertSelfAttention, ADD_QUANTIZERS on each BertSelfOutput (and BertOutput).
+        if (isinstance(module, BertSelfAttention) and config.matmul_inputs) or \
+                (isinstance(module, BertSelfOutput) and config.residual_adds):
+            for attr in module.quantizer_hooks:
                 setattr(module, attr, TensorQuantizer(learn_amax=config.learn_amax, **grid))
     for name, quantizer in quantizers(model):
         quantizer.name = name
