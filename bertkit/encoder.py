@@ -14,10 +14,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import logging
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -124,22 +122,6 @@ def _lowercases(normalizer: dict | None) -> bool:
     return normalizer.get("type") == "Lowercase" or bool(normalizer.get("lowercase"))
 
 
-@contextmanager
-def _quiet_unused_pooler():
-    # Sentence checkpoints carry BERT's pooler, which sentence embeddings never use: loading without
-    # it would log "checkpoint keys not used: pooler.dense.*" on every start. Drop only that warning.
-    def only_pooler(record: logging.LogRecord) -> bool:
-        keys = str(record.args[-1]).split(", ") if record.args else []
-        return not ("not used" in record.msg and keys and all(k.startswith("pooler.") for k in keys))
-
-    logger = logging.getLogger("bertkit")
-    logger.addFilter(only_pooler)
-    try:
-        yield
-    finally:
-        logger.removeFilter(only_pooler)
-
-
 # Default int8 calibration texts: varied registers and lengths. Real data from the user's domain is better.
 _CALIBRATION_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -239,9 +221,9 @@ class SentenceEncoder:
         meta = read_sentence_transformers_metadata(folder)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        with _quiet_unused_pooler():
-            model = BertModel.from_pretrained(meta["transformer_dir"], dtype=dtype, device=device,
-                                              add_pooling_layer=False)
+        # Sentence checkpoints carry BERT's pooler, which sentence embeddings never use: expected, not reported.
+        model = BertModel.from_pretrained(meta["transformer_dir"], dtype=dtype, device=device,
+                                          add_pooling_layer=False, ignore_unexpected=("pooler.*",))
         tokenizer = Tokenizer.from_pretrained(meta["transformer_dir"])
         if meta["do_lower_case"]:
             # Same as sentence-transformers: a Lowercase step in front, unless the tokenizer already lowercases.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +181,19 @@ class BertPreTrainedModel(nn.Module):
         base.encoder.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ loading
+    def _loadable_keys(self) -> set[str]:
+        """Keys this model takes from a checkpoint: its state dict, plus buffers declared without a value yet
+        (a quantizer's ``_amax`` exists only once calibrated or loaded)."""
+        keys = set(self.state_dict().keys())
+        for name, module in self.named_modules():
+            keys.update(f"{name}.{b}" if name else b for b, value in module._buffers.items() if value is None)
+        return keys
+
     def _adapt_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Maps an HF state dict onto this model's names (prefix, legacy names, tied aliases)."""
         state = {_rename_legacy(k): v for k, v in state.items()
                  if not k.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}  # old buffers
-        expected = set(self.state_dict().keys())
+        expected = self._loadable_keys()
         prefix = self.base_model_prefix + "."
         has_base = hasattr(self, self.base_model_prefix)
         if has_base and not any(k.startswith(prefix) for k in state):
@@ -208,6 +218,8 @@ class BertPreTrainedModel(nn.Module):
         strict: bool = False,
         output_loading_info: bool = False,
         prefix: str | None = None,
+        ignore_unexpected: Iterable[str] = (),
+        prepare: Callable[[nn.Module, list[str]], None] | None = None,
         **kwargs,
     ):
         """Loads an HF model folder (``config.json`` + safetensors, sharded or not, or ``pytorch_model.bin``).
@@ -221,6 +233,12 @@ class BertPreTrainedModel(nn.Module):
             output_loading_info: also return ``{"missing_keys": [...], "unexpected_keys": [...]}``.
             prefix: load only the tensors under this prefix (``"text_decoder"`` for the caption decoder of a
                 BLIP checkpoint, ``"text_encoder"`` for its text encoder).
+            ignore_unexpected: ``fnmatch`` patterns of checkpoint keys the caller expects this model not to use
+                (``("pooler.*",)`` for a sentence encoder built without the pooler): neither reported nor an
+                error under ``strict``.
+            prepare: ``prepare(model, checkpoint_keys)`` runs on the model, still on the meta device, before the
+                weights load; modules it adds take their tensors from the same checkpoint in the same pass
+                (:func:`bertkit.quant.load_quantized` adds the quantizers here, so their ``_amax`` load too).
             **kwargs: config overrides (``num_labels=3``, ``attn_implementation="eager"``) and model
                 arguments (``add_pooling_layer=False``).
 
@@ -253,6 +271,8 @@ class BertPreTrainedModel(nn.Module):
             config.type_vocab_size = 0
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
+        if prepare is not None:
+            prepare(model, list(state))
         state = model._adapt_state_dict(state)
         expected = model.state_dict()
         for key, tensor in state.items():
@@ -261,11 +281,16 @@ class BertPreTrainedModel(nn.Module):
                     f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model built from its "
                     f"config expects {tuple(expected[key].shape)}; the config and the weights do not match"
                 )
+        loadable = model._loadable_keys()
         missing = sorted(set(expected) - set(state) - model._tied_keys())
-        unexpected = sorted(set(state) - set(expected))
+        unexpected = sorted(k for k in set(state) - loadable
+                            if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignore_unexpected))
         if strict and (missing or unexpected):
             raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+        try:
+            model.load_state_dict({k: v for k, v in state.items() if k in loadable}, strict=False, assign=True)
+        except RuntimeError as err:  # a module refused its tensor (e.g. an amax of the wrong shape)
+            raise ValueError(f"{path}: {err}") from None
         model._materialize_missing()
         model.tie_weights()
         if missing:

@@ -2,24 +2,23 @@
 
 ``save_pretrained`` already writes what a quantized model needs: the ``_amax`` tensors are persistent
 buffers in ``state_dict()`` and ``quantize()`` records its :class:`QuantConfig` in
-``config.extra["quantization_config"]`` (so config.json has it). Loading must do three steps in order
--- build the float model, quantize it, then load the amax values -- which ``from_pretrained`` alone
-cannot (it would report the ``_amax`` keys as unexpected).
+``config.extra["quantization_config"]`` (so config.json has it). Loading is one ``from_pretrained`` pass
+over the weight files: its ``prepare`` step quantizes the model while it is still on the meta device, so
+the ``_amax`` values load together with the weights.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..checkpoints.io import load_state_dict
-from ..config import BertConfig
 from ..nn.attention import MATMUL_QUANTIZERS
 from ..nn.layer import ADD_QUANTIZERS
+from .calib import reduce_amax
+from .modules import QuantLinear
 from .transform import CONFIG_KEY, QuantConfig, quantize, quantizers
 
 logger = logging.getLogger("bertkit")
@@ -47,40 +46,6 @@ def infer_config(keys, model_type: str | None = None) -> QuantConfig:
         residual_adds=any(f".{n}." in k for k in keys for n in ADD_QUANTIZERS),
         heads=any(k not in encoder for k in keys),
     )
-
-
-@contextmanager
-def _quiet_quantizer_keys():
-    # from_pretrained builds a float model and logs the checkpoint's quantizer keys as unused; they are
-    # loaded right after, so drop them from that one warning (other unused keys are still reported).
-    def keep(record: logging.LogRecord) -> bool:
-        if "not used" not in str(record.msg) or not record.args:
-            return True
-        others = [k for k in str(record.args[-1]).split(", ") if not is_quantizer_key(k)]
-        if not others:
-            return False
-        record.args = (*record.args[:-1], ", ".join(others))
-        return True
-
-    log = logging.getLogger("bertkit")
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
-
-
-def _match_prefix(state: dict, expected: set[str], prefix: str) -> dict:
-    # A bare-encoder checkpoint loaded into a task model lacks "bert."; a task checkpoint loaded into
-    # BertModel has it (the same rule from_pretrained applies to the weights).
-    out = {}
-    for key, value in state.items():
-        if key not in expected and f"{prefix}.{key}" in expected:
-            key = f"{prefix}.{key}"
-        elif key not in expected and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-            key = key[len(prefix) + 1:]
-        out[key] = value
-    return out
 
 
 def _fits(small: torch.Size, big: torch.Size) -> bool:
@@ -123,43 +88,41 @@ def load_quantized(cls, path: str | os.PathLike, config: QuantConfig | None = No
             and no ``quantization_config`` (it is a float checkpoint: use ``from_pretrained`` + ``quantize``).
     """
     path = Path(path)
-    state = load_state_dict(path)
-    amax_state = {k: v for k, v in state.items() if is_quantizer_key(k)}
-    del state
-    bert_config = BertConfig.from_pretrained(path)
-    if config is None:
-        stored = bert_config.extra.get(CONFIG_KEY)
-        if stored is not None:
-            config = QuantConfig.from_dict(stored)
-        elif amax_state:
-            config = infer_config(amax_state, bert_config.model_type)
-        else:
-            raise ValueError(f"{path} holds no quantizer amax and no {CONFIG_KEY} in config.json: it is a float "
-                             "checkpoint; load it with from_pretrained() and call bertkit.quant.quantize()")
-    with _quiet_quantizer_keys():
-        model = cls.from_pretrained(path, **kwargs)
-    quantize(model, config)
-    expected = {f"{name}._amax" for name, _ in quantizers(model)}
-    amax_state = _match_prefix(amax_state, expected, getattr(model, "base_model_prefix", "bert"))
-    unexpected = sorted(set(amax_state) - expected)
-    if unexpected:
-        raise ValueError(f"{path}: quantizer keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} have no "
-                         f"quantizer in the model built with {config}; pass config=QuantConfig(...) matching "
-                         "the checkpoint")
-    try:
-        model.load_state_dict(amax_state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: {err}") from None
+
+    def add_quantizers(model, keys) -> None:
+        # Runs on the meta-device model before the weights load, so the amax values load with them.
+        nonlocal config
+        if config is None:
+            stored = model.config.extra.get(CONFIG_KEY)
+            if stored is not None:
+                config = QuantConfig.from_dict(stored)
+            elif any(is_quantizer_key(k) for k in keys):
+                config = infer_config(keys, model.config.model_type)
+            else:
+                raise ValueError(f"{path} holds no quantizer amax and no {CONFIG_KEY} in config.json: it is a float "
+                                 "checkpoint; load it with from_pretrained() and call bertkit.quant.quantize()")
+        quantize(model, config)
+        # The checkpoint's keys under this model's names (the one prefix rule of from_pretrained).
+        names = model._adapt_state_dict(dict.fromkeys(keys))
+        expected = {f"{name}._amax" for name, _ in quantizers(model)}
+        unexpected = sorted(k for k in names if is_quantizer_key(k) and k not in expected)
+        if unexpected:
+            raise ValueError(f"{path}: quantizer keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} have "
+                             f"no quantizer in the model built with {config}; pass config=QuantConfig(...) matching "
+                             "the checkpoint")
+
+    model = cls.from_pretrained(path, prepare=add_quantizers, **kwargs)
     _check_weight_amax(model, path)
-    device = next(model.parameters()).device
+    for module in model.modules():  # a weight amax the checkpoint lacks is the weight's max, as quantize() sets it
+        weight_quantizer = module._weight_quantizer if isinstance(module, QuantLinear) else None
+        if weight_quantizer is not None and weight_quantizer.amax is None and not weight_quantizer._disabled:
+            weight_quantizer.amax = reduce_amax(module.weight.detach(), weight_quantizer.axis)
     missing = []
     for name, quantizer in quantizers(model):
         if quantizer.amax is None:
             if not quantizer._disabled:
                 missing.append(name)
             quantizer.disable()
-        else:
-            quantizer._amax.data = quantizer._amax.data.to(device)
     if missing:
         logger.warning("%s: no amax in the checkpoint for %d quantizer(s), left disabled: %s", path, len(missing),
                        ", ".join(missing))

@@ -297,6 +297,15 @@ class TensorQuantizer(nn.Module):
         return FakeQuantFunction.apply(x, self._amax, self.num_bits, self.unsigned, self.narrow_range)
 
     # ------------------------------------------------------------------ checkpoints
+    def _apply(self, fn, recurse=True):
+        # amax stays float32 (as _set_amax stores it) when the model is cast (from_pretrained(dtype=...),
+        # model.half()): fake_quant computes in float32, and a half-precision amax would round the scale.
+        amax = self._amax
+        super()._apply(fn, recurse)
+        if amax is not None and self._amax.dtype != torch.float32:
+            self._amax.data = amax.detach().to(device=self._amax.device, dtype=torch.float32)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # The buffer exists only once amax is known; create it from the checkpoint (pytorch-quantization
