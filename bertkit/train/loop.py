@@ -25,7 +25,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .tasks import batches
+from .base import batches
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..checkpoints.io import atomic_write_bytes, atomic_writer
-from .tasks import pad, rust_tokenizer
+from .base import pad_rows, rust_tokenizer
 
 MANIFEST = "manifest.json"
 
@@ -263,10 +263,10 @@ class PretrainDataset:
     def batch(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
         """Padded tensors of the instances ``indices`` as masked in ``epoch``."""
         rows = [self.example(i, epoch) for i in indices]
-        out = {"input_ids": pad([r["input_ids"] for r in rows], self.pad_id),
-               "token_type_ids": pad([r["token_type_ids"] for r in rows], 0),
-               "attention_mask": pad([np.ones(len(r["input_ids"]), dtype=np.int64) for r in rows], 0),
-               "labels": pad([r["labels"] for r in rows], -100)}
+        out = {"input_ids": pad_rows([r["input_ids"] for r in rows], self.pad_id),
+               "token_type_ids": pad_rows([r["token_type_ids"] for r in rows], 0),
+               "attention_mask": pad_rows([np.ones(len(r["input_ids"]), dtype=np.int64) for r in rows], 0),
+               "labels": pad_rows([r["labels"] for r in rows], -100)}
         if self.nsp:
             out["next_sentence_label"] = torch.tensor([r["next_sentence_label"] for r in rows])
         return out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import models
 from .data import read_squad
 from .metrics import squad_scores
-from .tasks import Task, rust_tokenizer
+from .base import Task, rust_tokenizer
 
 
 class QaTask(Task):
