@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints.io import atomic_write_bytes
-from .nn.activations import ACT2FN
 
-ACTIVATIONS = tuple(ACT2FN)
+# HF's hidden_act names that bertkit implements (bertkit/nn/activations.py maps each to its function and
+# checks at import that the two lists agree). Listed here so the config, the bottom layer, imports no model code.
+ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu",
+               "swish", "tanh", "mish")
 POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
 NORM_PLACEMENTS = ("post", "pre")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..config import ACTIVATIONS
+
 
 def _gelu_python(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
@@ -34,6 +36,9 @@ ACT2FN = {
     "tanh": torch.tanh,
     "mish": F.mish,
 }
+
+if tuple(ACT2FN) != ACTIVATIONS:  # pragma: no cover - a name added in one place only
+    raise ImportError(f"bertkit.config.ACTIVATIONS {ACTIVATIONS} and nn.activations.ACT2FN {tuple(ACT2FN)} disagree")
 
 
 def get_activation(name: str):
