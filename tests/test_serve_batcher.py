@@ -108,3 +108,16 @@ def test_stop_finishes_the_queue_then_refuses():
     assert [j.future.result(0) for j in jobs] == [[i + 1] for i in range(20)]
     with pytest.raises(RuntimeError, match="shutting down"):
         runner.submit(Job(_rows(1)))
+
+
+def test_a_much_longer_row_starts_the_next_batch():
+    rec = Recorder()
+    runner = Runner(rec, max_batch_tokens=10_000, max_batch_rows=100).start()
+    _start_busy(runner, rec)
+    jobs = [runner.submit(Job(_rows(*[4] * 10))), runner.submit(Job(_rows(200, 180)))]
+    rec.gate.set()
+    for job in jobs:
+        job.future.result(5)
+    runner.stop(5)
+    # 12 rows would fit the budget (12 x 200), but attention would then compute 2400 positions for 420 tokens.
+    assert rec.batches[1:] == [[4] * 10, [180, 200]]

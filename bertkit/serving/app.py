@@ -209,6 +209,8 @@ class Call:
         except InputTooLong as err:
             self.state.metrics.rejected.labels("input_too_long").inc()
             raise HTTPError(413, str(err), "Validation") from None
+        except (TypeError, ValueError) as err:  # the tokenizer's own refusals (e.g. lone surrogates)
+            raise HTTPError(422, f"inputs: {err}", "Tokenizer") from None
         except asyncio.TimeoutError:
             self._left()
             raise
@@ -265,6 +267,9 @@ def _endpoint(state: ServerState, schema, handler, openai: bool = False):
             return _error(err, openai)
         except (ClientGone, ClientDisconnect):
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except Exception as err:  # noqa: BLE001 - a bug answers 500 in the API's shape, logged with its traceback
+            log.exception("unexpected error on %s", request.url.path)
+            return _error(HTTPError(500, f"internal error: {type(err).__name__}: {err}", "Backend"), openai)
         finally:
             if counted:
                 state.in_flight -= 1

@@ -6,7 +6,8 @@ long document shares its batch with whatever fits beside it:
 
     waiting rows (any request)  --sort: aged first, then shortest-->  fill up to max_batch_tokens
                                                                       (rows x longest row, the cost
-                                                                       of the re-padded attention)
+                                                                       of the re-padded attention),
+                                                                      at most 2x the real tokens
 
 A short query therefore waits at most for the batch already running. A row that has waited
 ``max_skips`` batches (because shorter rows kept arriving) goes to the front, oldest first, so long
@@ -56,15 +57,18 @@ class Runner:
         max_batch_tokens: Budget of a batch, counted as rows x longest row.
         max_batch_rows: At most this many rows per batch.
         max_skips: A row passed over this many batches goes first in the next one.
+        max_padding: A batch's rows x longest row stays within this multiple of its real tokens.
         metrics: Optional :class:`~bertkit.serving.metrics.Metrics`; ``name`` labels its series.
     """
 
     def __init__(self, forward: Callable[[list, list | None], Sequence[Any]], *, max_batch_tokens: int = 16384,
-                 max_batch_rows: int = 256, max_skips: int = 4, metrics=None, name: str = "model"):
+                 max_batch_rows: int = 256, max_skips: int = 4, max_padding: float = 2.0, metrics=None,
+                 name: str = "model"):
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
         self.max_skips = max_skips
+        self.max_padding = max_padding
         self.metrics = metrics
         self.name = name
         self._pending: list[tuple[Job, int]] = []   # (job, row index), arrival order
@@ -117,14 +121,17 @@ class Runner:
         aged = self._batch_seq - self.max_skips
         # Aged rows first, oldest first (FIFO among them); then the rest, shortest first.
         live.sort(key=lambda r: (0, r[0].enqueued, 0) if r[0].batch_seq <= aged else (1, 0, len(r[0].rows[r[1]])))
-        batch, longest = [], 0
+        batch, longest, real = [], 0, 0
         for row in live:
             n = len(row[0].rows[row[1]])
-            if batch and (max(longest, n) * (len(batch) + 1) > self.max_batch_tokens
-                          or len(batch) >= self.max_batch_rows):
+            cost = max(longest, n) * (len(batch) + 1)
+            # Stop at the budget, the row cap, or when the padded size (what CPU attention computes) would
+            # pass max_padding x the real tokens: a long row then starts the next batch with its peers.
+            if batch and (cost > self.max_batch_tokens or len(batch) >= self.max_batch_rows
+                          or cost > self.max_padding * (real + n)):
                 break
             batch.append(row)
-            longest = max(longest, n)
+            longest, real = max(longest, n), real + n
         chosen = set(map(id, batch))
         self._pending = [r for r in live if id(r) not in chosen]
         self._batch_seq += 1
