@@ -12,18 +12,15 @@ import argparse
 import collections
 import json
 import os
+import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .io_readers import InputError, count_texts, read_texts
-
-OUTPUT_FORMATS = (".npy", ".jsonl")
-CHUNK_SIZE = 2048  # texts read, sorted and embedded together; bounds the memory of `embed --input`
+from .io_readers import InputError
 
 
 @dataclass(frozen=True)
@@ -35,218 +32,36 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH", help="sentence-transformers or HuggingFace BERT folder "
-                        "(default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="run the encoder with int8 matrix products on the CPU, calibrated on a small "
-                             "built-in text set (accuracy and speed: docs/benchmarks.md)")
-
-
-def _load_encoder(path: str | None, quantize: str | None = None):
+def _load_encoder(path: str | None, quantize: str | None = None, device: str | None = None):
     from .encoder import SentenceEncoder  # imported here so `bertkit --help` stays quick
 
-    return SentenceEncoder.from_pretrained(path, quantize=quantize)
-
-
-def _fsync_replace(tmp: str, path: Path) -> None:
-    # The finished file appears under its real name only once it is complete and on disk: a run
-    # killed half-way leaves a hidden .tmp file, never a complete-looking output.
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------- embed
-def _embed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (or use --input)")
-    parser.add_argument("--input", "-i", metavar="FILE", help=".txt (one text per line, blank lines "
-                        "skipped), .jsonl (one object per line) or .csv (with a header row)")
-    parser.add_argument("--output", "-o", metavar="FILE", help=".npy (float32 matrix, row i = text i) or "
-                        ".jsonl (index, text, embedding per line); default: JSON lines on stdout")
-    parser.add_argument("--column", metavar="NAME", help="JSON field or CSV column with the text (default: text)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per forward "
-                        "pass (default: 32)")
-    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings "
-                        "(by default the model's modules.json decides)")
-    _add_model_argument(parser)
-
-
-def _check_output(output: str | None, input_path: str | None) -> Path | None:
-    if output is None:
-        return None
-    path = Path(output)
-    if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise InputError(f"--output {output}: unsupported type {path.suffix or '(no extension)'!r}; "
-                         "use .npy (a float32 matrix) or .jsonl (one JSON object per line)")
-    if not path.parent.is_dir():
-        raise InputError(f"--output {output}: folder {str(path.parent)!r} does not exist; create it first")
-    if input_path is not None and path.resolve() == Path(input_path).resolve():
-        raise InputError(f"--output {output} is also the input file; write to another file")
-    return path
-
-
-def _records(encoder, texts: Iterable[str], args, total: int | None):
-    """Yields (index, text, embedding row), reading and embedding CHUNK_SIZE texts at a time."""
-    pending: collections.deque[str] = collections.deque()
-
-    def remember(stream):
-        # encode_stream consumes exactly one chunk before yielding its rows, so `pending` holds
-        # just the texts of the chunk being written, never the whole file.
-        for text in stream:
-            pending.append(text)
-            yield text
-
-    index = 0
-    show_bar = True if args.input is not None else None  # files: always; TEXT arguments: only if long
-    for chunk in encoder.encode_stream(remember(texts), batch_size=args.batch_size, chunk_size=CHUNK_SIZE,
-                                       normalize_embeddings=False if args.no_normalize else None,
-                                       show_progress_bar=show_bar, total=total):
-        for row in chunk:
-            yield index, pending.popleft(), row
-            index += 1
-
-
-def _json_line(index: int, text: str, row: np.ndarray) -> str:
-    # tolist() gives Python floats whose repr reads back to the same float32: no precision lost.
-    return json.dumps({"index": index, "text": text, "embedding": row.tolist()}, ensure_ascii=False) + "\n"
-
-
-def _write_npy(path: Path, records, n: int, dim: int, source: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # The header, then the rows appended in input order through a buffered file: unlike a memory map,
-        # written pages do not stay in this process's resident memory, so peak RSS stays flat with n.
-        with open(tmp, "wb") as handle:
-            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
-                                                          "fortran_order": False, "shape": (n, dim)})
-            written = 0
-            for index, _, row in records:
-                if index >= n:
-                    raise InputError(f"{source} grew while it was being read; run again on a file nobody is writing")
-                if index != written:  # records come in input order; anything else is a bug
-                    raise RuntimeError(f"embedding rows out of order: got row {index}, expected {written}")
-                handle.write(np.ascontiguousarray(row, dtype="<f4").tobytes())
-                written += 1
-            if written != n:
-                raise InputError(f"{source} shrank while it was being read ({written} of {n} texts); run again on "
-                                 "a file nobody is writing")
-        _fsync_replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_jsonl(path: Path, records) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(_json_line(*record))
-        _fsync_replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    """Embeds TEXT arguments or an input file; writes .npy, .jsonl or JSON lines on stdout."""
-    if args.input is not None and args.texts:
-        raise InputError("give either TEXT arguments or --input FILE, not both")
-    if args.input is None and not args.texts:
-        raise InputError("nothing to embed: give TEXT arguments or --input FILE (see bertkit embed --help)")
-    if args.input is None and args.column is not None:
-        raise InputError("--column applies to --input .jsonl/.csv files, not to TEXT arguments")
-    output = _check_output(args.output, args.input)
-    if args.input is not None:
-        # A full read first: every input error surfaces before any model time is spent, and the
-        # count sizes the .npy file and the progress bar.
-        total = count_texts(args.input, args.column)
-        texts: Iterable[str] = read_texts(args.input, args.column)
-    else:
-        total, texts = len(args.texts), args.texts
-    encoder = _load_encoder(args.model, getattr(args, "quantize", None))
-    records = _records(encoder, texts, args, total)
-    if output is None:
-        for record in records:
-            sys.stdout.write(_json_line(*record))
-        sys.stdout.flush()
-    elif output.suffix.lower() == ".npy":
-        _write_npy(output, records, total, encoder.dim, args.input or "the input")
-    else:
-        _write_jsonl(output, records)
-    if output is not None:
-        print(f"wrote {total} embeddings of dimension {encoder.dim} to {output}", file=sys.stderr)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------- search
-def _search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("queries", nargs="+", metavar="QUERY", help="one or more queries")
-    parser.add_argument("--corpus", "-c", required=True, metavar="FILE", help=".txt, .jsonl or .csv file of texts "
-                        "to search")
-    parser.add_argument("--top-k", "-k", type=_positive_int, default=5, metavar="N", help="matches per query "
-                        "(default: 5)")
-    parser.add_argument("--column", metavar="NAME", help="JSON field or CSV column with the text (default: text)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="default: 32")
-    _add_model_argument(parser)
-
-
-def _shorten(text: str, width: int = 100) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    """Ranks the corpus texts by cosine similarity to each query and prints the top matches."""
-    corpus = list(read_texts(args.corpus, args.column))
-    if not corpus:
-        raise InputError(f"{args.corpus} holds no texts to search")
-    encoder = _load_encoder(args.model, getattr(args, "quantize", None))
-    # Always normalize here: the dot product of unit vectors is the cosine similarity.
-    docs = encoder.encode(corpus, batch_size=args.batch_size, normalize_embeddings=True)
-    queries = encoder.encode(args.queries, batch_size=args.batch_size, normalize_embeddings=True)
-    scores = queries @ docs.T
-    k = min(args.top_k, len(corpus))
-    for query, row in zip(args.queries, scores):
-        print(f"Query: {query}")
-        for rank, index in enumerate(np.argsort(-row, kind="stable")[:k], start=1):
-            print(f"  {rank:>2}. {row[index]:.4f}  {_shorten(corpus[index])}")
-        print()
-    return 0
+    return SentenceEncoder.from_pretrained(path, quantize=quantize, device=device)
 
 
 # ---------------------------------------------------------------------------------------- info
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", nargs="?", metavar="PATH", help="model folder (default: the bundled model)")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="model folder (default: the bundled model; "
+                        "its folder is the first line of the output)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
 
 
 def _stored_parameters(folder: Path) -> tuple[int, str]:
     """Counts the floating-point values stored in a folder's weights, without loading them."""
-    from .checkpoints.io import find_weight_files, load_state_dict
+    from .checkpoints.io import _check_safetensors_header, find_weight_files, load_state_dict
 
     files = find_weight_files(folder)
     if all(f.suffix == ".safetensors" for f in files):
         total, dtypes = 0, collections.Counter()
         for file in files:  # safetensors: 8-byte little-endian header length, then a JSON header
+            _check_safetensors_header(file)  # a truncated file is an error, not a summary
             with open(file, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 if not 0 < size <= 100 * 2**20:
                     raise ValueError(f"{file} has a corrupt safetensors header; re-download the weights")
                 header = json.loads(handle.read(size))
             for name, entry in header.items():
-                if name != "__metadata__" and entry["dtype"].startswith(("F", "BF")):  # not int buffers
+                # Float tensors only (not int buffers), and not the quantizers' _amax calibration values.
+                if name != "__metadata__" and entry["dtype"].startswith(("F", "BF")) and not name.endswith("_amax"):
                     count = int(np.prod(entry["shape"], dtype=np.int64))
                     total += count
                     dtypes[entry["dtype"]] += count
@@ -254,7 +69,7 @@ def _stored_parameters(folder: Path) -> tuple[int, str]:
     # pytorch_model.bin: load (weights only) and count tied tensors once.
     state = load_state_dict(folder)
     seen = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t
-            for t in state.values() if t.is_floating_point()}
+            for name, t in state.items() if t.is_floating_point() and not name.endswith("_amax")}
     dtypes = collections.Counter(str(t.dtype).removeprefix("torch.") for t in seen.values())
     return sum(t.numel() for t in seen.values()), dtypes.most_common(1)[0][0] if dtypes else "-"
 
@@ -279,16 +94,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     params, dtype = _stored_parameters(meta["transformer_dir"])
     norm = "post (BERT: LayerNorm after each residual add)" if config.norm_placement == "post" else \
         "pre (Megatron-BERT: LayerNorm before attention and MLP, one final LayerNorm)"
-    rows = [("folder", str(folder)), ("model_type", config.model_type), ("layers", config.num_hidden_layers),
+    stored = json.loads((meta["transformer_dir"] / "config.json").read_text(encoding="utf-8"))
+    quant = stored.get("quantization_config")
+    labels = stored.get("id2label") if "architectures" in stored and any(
+        a.endswith(("Classification", "ForTokenClassification")) for a in stored["architectures"]) else None
+    rows = [("folder", str(folder)), ("model_type", config.model_type),
+            ("architecture", ", ".join(stored.get("architectures") or ["BertModel"])),
+            ("layers", config.num_hidden_layers),
             ("hidden", config.hidden_size), ("heads", f"{config.num_attention_heads} (head dim {config.head_dim})"),
             ("intermediate", config.intermediate_size), ("vocab", config.vocab_size),
             ("max positions", config.max_position_embeddings), ("norm placement", norm),
             ("activation", config.hidden_act), ("positions", config.position_embedding_type),
-            ("parameters", f"{params:,} ({_millions(params)}stored as {dtype})")]
+            ("parameters", f"{params:,} ({_millions(params)}stored as {dtype})"),
+            ("quantized", f"int8 fake quantization ({quant.get('calib_method', 'calibrated')})"
+                          if isinstance(quant, dict) else "no")]
+    if labels:
+        rows.append(("labels", ", ".join(f"{k}={v}" for k, v in labels.items())))
     if (folder / "modules.json").is_file():
         rows.append(("sentence pipeline", f"{'+'.join(meta['pooling'])} pooling, "
                      f"{'normalized' if meta['normalize'] else 'not normalized'}, "
                      f"max_seq_length {meta['max_seq_length'] or 'from the tokenizer'}"))
+    if args.json:
+        fields = {name.replace(" ", "_"): value for name, value in rows}
+        fields.update(parameters=params, parameter_dtype=dtype, quantized=isinstance(quant, dict),
+                      labels=labels, architecture=stored.get("architectures") or ["BertModel"])
+        print(json.dumps(fields))
+        return 0
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -334,21 +165,39 @@ def _lazy(module: str, name: str):
 # ---------------------------------------------------------------------------------------- table
 COMMANDS: dict[str, Command] = {
     "embed": Command(
-        help="embed texts or a file into vectors",
+        help="embed texts or a file into vectors (resumable, shardable)",
         description="Embed texts with a sentence-embedding model. Files are read and embedded in chunks, "
-                    "so they can be larger than memory; .npy/.jsonl outputs appear only when complete.",
+                    "so they can be larger than memory; .npy/.jsonl outputs appear only when complete. "
+                    "--resume continues an interrupted run; --shard I/N embeds one of N interleaved parts "
+                    "(join them with `bertkit merge`). Guarantees: docs/reliability.md.",
         examples="  bertkit embed \"first text\" \"second text\"            # JSON lines on stdout\n"
-                 "  bertkit embed -i corpus.txt -o vectors.npy\n"
+                 "  bertkit embed -i corpus.txt -o vectors.npy --resume   # run again after a kill to continue\n"
                  "  bertkit embed -i reviews.csv --column body -o vectors.jsonl\n"
-                 "  bertkit embed -i docs.jsonl -o vectors.npy --model ./my-st-model --no-normalize",
-        arguments=_embed_arguments, run=cmd_embed),
+                 "  cat notes.txt | bertkit embed -i - -o notes.npy\n"
+                 "  bertkit embed -i corpus.txt -o part1.npy --shard 1/4   # then: bertkit merge part{0,1,2,3}.npy -o all.npy",
+        arguments=_lazy(".commands.embed", "add_embed_arguments"), run=_lazy(".commands.embed", "cmd_embed")),
+    "merge": Command(
+        help="join the outputs of `embed --shard I/N` in input order",
+        description="Interleave the N outputs of `bertkit embed --shard 0/N ... N-1/N` back into one file whose "
+                    "row j is text j of the input (.npy parts in shard order; .jsonl parts carry their index).",
+        examples="  bertkit merge part0.npy part1.npy part2.npy -o all.npy",
+        arguments=_lazy(".commands.embed", "add_merge_arguments"), run=_lazy(".commands.embed", "cmd_merge")),
     "search": Command(
-        help="rank a corpus by similarity to queries",
-        description="Embed a corpus and one or more queries, and print the corpus texts most similar "
-                    "(cosine similarity) to each query.",
+        help="rank a corpus (or an index) by similarity to queries",
+        description="Embed one or more queries and print the corpus texts most similar (cosine similarity) to "
+                    "each. --corpus embeds the file on every call; --index reads an index built once with "
+                    "`bertkit index build` (exact search, same ranking).",
         examples="  bertkit search --corpus examples/corpus.txt \"How do I keep my houseplants alive?\"\n"
-                 "  bertkit search -c faq.jsonl --column question -k 3 \"reset password\" \"refund\"",
-        arguments=_search_arguments, run=cmd_search),
+                 "  bertkit search -c faq.jsonl --column question -k 3 \"reset password\" \"refund\"\n"
+                 "  bertkit search --index faq-index --json \"reset password\" | jq .matches[0].text",
+        arguments=_lazy(".commands.search", "add_search_arguments"), run=_lazy(".commands.search", "cmd_search")),
+    "index": Command(
+        help="embed a corpus once into a search index folder",
+        description="`bertkit index build` embeds a corpus once and stores the normalized embeddings, the texts "
+                    "(and ids) and the model's identity, for `bertkit search --index`.",
+        examples="  bertkit index build --corpus faq.jsonl --column question --out faq-index\n"
+                 "  bertkit search --index faq-index \"reset password\"",
+        arguments=_lazy(".commands.search", "add_index_arguments"), run=_lazy(".commands.search", "cmd_index")),
     "info": Command(
         help="summarize a model folder (config, size)",
         description="Print a model folder's architecture (layers, widths, norm placement...), the number "
@@ -459,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name; None reads ``sys.argv``.
 
     Returns:
-        0 on success, 2 on a usage or input error (message on stderr), 130 when interrupted.
+        0 on success, 2 on a usage or input error (message on stderr), 130 when interrupted (Ctrl-C),
+        143 on SIGTERM (after the same cleanup as Ctrl-C).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command_name(argv))
@@ -470,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = _raise_on_sigterm()
     try:
         return args.run(args)
     except BrokenPipeError:
@@ -479,9 +330,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, OSError, ValueError) as err:
         print(f"bertkit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"bertkit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"bertkit {args.command}: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, `docker stop`, systemd), raised like Ctrl-C so every cleanup runs."""
+
+
+def _raise_on_sigterm():
+    # Python's default for SIGTERM is to die on the spot, skipping `finally` blocks: temp files stay behind.
+    # Raised once; a second SIGTERM during the cleanup is ignored so the cleanup can finish.
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

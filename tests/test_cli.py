@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bertkit import BertModel, SentenceEncoder, cli
+from bertkit.commands import embed as embed_command
 from bertkit.encoder import bundled_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def write_inputs(folder: Path) -> dict[str, Path]:
-    texts = [t for t in TEXTS if t]  # .txt skips blank lines; keep the three files equivalent
+    texts = [t for t in TEXTS if t]  # blank lines only in the .txt, where they are texts too (row i = line i)
     files = {".txt": folder / "in.txt", ".jsonl": folder / "in.jsonl", ".csv": folder / "in.csv"}
     files[".txt"].write_text("\n".join(texts[:3]) + "\n\n   \n" + "\n".join(texts[3:]) + "\n", encoding="utf-8")
     files[".jsonl"].write_text("".join(json.dumps({"id": i, "body": t}, ensure_ascii=False) + "\n"
@@ -61,7 +62,8 @@ def write_inputs(folder: Path) -> dict[str, Path]:
     return files
 
 
-EXPECTED = {".txt": [t for t in TEXTS if t], ".jsonl": [t for t in TEXTS if t],
+_NONBLANK = [t for t in TEXTS if t]
+EXPECTED = {".txt": _NONBLANK[:3] + ["", "   "] + _NONBLANK[3:], ".jsonl": [t for t in TEXTS if t],
             ".csv": [t for t in TEXTS if t] + ['two\nlines "quoted"']}
 
 
@@ -123,7 +125,7 @@ def test_embed_streams_in_chunks(capsys, tmp_path, encoder, monkeypatch):
     source.write_text("\n".join(texts) + "\n")
     seen = []
     real_chunk = encoder._encode_chunk
-    monkeypatch.setattr(cli, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(embed_command, "CHUNK_SIZE", 4)
     monkeypatch.setattr(encoder, "_encode_chunk", lambda chunk, *a: seen.append(len(chunk)) or real_chunk(chunk, *a))
     for output in (tmp_path / "out.npy", tmp_path / "out.jsonl"):
         seen.clear()
@@ -150,7 +152,7 @@ def test_interrupted_embed_leaves_no_output(capsys, tmp_path, encoder, monkeypat
             raise failure
         return real_chunk(chunk, *args)
 
-    monkeypatch.setattr(cli, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(embed_command, "CHUNK_SIZE", 4)
     monkeypatch.setattr(encoder, "_encode_chunk", fail_on_second_chunk)
     result, _, err = run(capsys, "embed", "-i", source, "-o", tmp_path / out_name)
     assert calls == [False, False] and result == code and "Traceback" not in err
@@ -160,9 +162,19 @@ def test_interrupted_embed_leaves_no_output(capsys, tmp_path, encoder, monkeypat
 
 def test_empty_input_gives_an_empty_matrix(capsys, tmp_path):
     source = tmp_path / "in.txt"
-    source.write_text("\n \n")
+    source.write_text("")
     assert run(capsys, "embed", "-i", source, "-o", tmp_path / "out.npy")[0] == 0
     assert np.load(tmp_path / "out.npy").shape == (0, 384)
+
+
+def test_blank_lines_keep_row_i_equal_to_line_i(capsys, tmp_path, encoder):
+    # Issue #18 point 2: a blank line used to be skipped, so every later row was shifted by one.
+    source = tmp_path / "in.txt"
+    source.write_text("first\n\nthird\nfourth\n")
+    code, _, err = run(capsys, "embed", "-i", source, "-o", tmp_path / "out.npy")
+    assert code == 0 and "wrote 4 embeddings" in err
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), encoder.encode(["first", "", "third", "fourth"]),
+                               rtol=0, atol=1e-6)
 
 
 def test_search_ranks_the_relevant_line_first(capsys):
@@ -241,14 +253,14 @@ def _non_utf8(folder: Path) -> Path:
 # (argv builder, expected message); every one must exit with status 2 and no traceback.
 ERRORS = [
     (lambda d: ["embed", "-i", d / "missing.txt"], "input file '{d}/missing.txt' does not exist"),
-    (lambda d: ["embed", "-i", d], "is a folder; pass a .txt, .jsonl or .csv file"),
+    (lambda d: ["embed", "-i", d], "is a folder; pass a .txt, .jsonl, .csv or .tsv file"),
     (lambda d: ["embed", "-i", _non_utf8(d)], "latin1.txt: line 3 is not valid UTF-8 (byte 0xe9 at column 4)"),
     (lambda d: ["embed", "-i", _write(d / "a.csv", "id,body\n1,x\n")], "no column 'text' in the header ['id', 'body']"),
     (lambda d: ["embed", "-i", _write(d / "a.csv", "id,body\n1,x\n"), "--column", "nope"], "no column 'nope'"),
     (lambda d: ["embed", "-i", _write(d / "a.csv", "body,id\nx,1\n"), "--column", "id", "-o", d / "o.npy"], None),
     (lambda d: ["embed", "-i", _write(d / "a.csv", "id,body\n1,x\n2\n"), "--column", "body"],
      "a.csv: line 3 has 1 fields, so no 'body'"),
-    (lambda d: ["embed", "-i", _write(d / "a.csv", "")], "the file is empty; a .csv needs a header row"),
+    (lambda d: ["embed", "-i", _write(d / "a.csv", "")], "the file is empty; a .csv file needs a header row"),
     (lambda d: ["embed", "-i", _write(d / "a.jsonl", '{"text": "ok"}\n{"body": "x"}\n')],
      "a.jsonl: line 2 has no field 'text' (it has ['body']); pick the field with --column NAME"),
     (lambda d: ["embed", "-i", _write(d / "a.jsonl", '{"text": "ok"}\n{"text": "x"\n')],
@@ -256,17 +268,17 @@ ERRORS = [
     (lambda d: ["embed", "-i", _write(d / "a.jsonl", '["text"]\n')], "line 1 is a JSON list, not an object"),
     (lambda d: ["embed", "-i", _write(d / "a.jsonl", '{"text": 3}\n')], "line 1: field 'text' is a JSON int"),
     (lambda d: ["embed", "-i", _write(d / "a.parquet", "x")], "unsupported input type '.parquet'"),
-    (lambda d: ["embed", "-i", _write(d / "a.txt", "x\n"), "--column", "body"], "--column applies to .jsonl and .csv"),
+    (lambda d: ["embed", "-i", _write(d / "a.txt", "x\n"), "--column", "body"], "--column applies to .jsonl, .csv and .tsv"),
     (lambda d: ["embed", "x", "-o", d / "out.csv"], "unsupported type '.csv'; use .npy"),
     (lambda d: ["embed", "x", "-o", d / "no" / "out.npy"], "folder '{d}/no' does not exist; create it first"),
     (lambda d: ["embed", "-i", _write(d / "a.jsonl", "{}\n"), "-o", d / "a.jsonl"], "is also the input file"),
     (lambda d: ["embed", "x", "-i", _write(d / "a.txt", "x\n")], "either TEXT arguments or --input FILE, not both"),
     (lambda d: ["embed"], "nothing to embed: give TEXT arguments or --input FILE"),
-    (lambda d: ["embed", "x", "--column", "c"], "--column applies to --input .jsonl/.csv files"),
+    (lambda d: ["embed", "x", "--column", "c"], "--column applies to --input .jsonl/.csv/.tsv files"),
     (lambda d: ["embed", "x", "--model", d / "nomodel"], "model folder '{d}/nomodel' does not exist"),
     (lambda d: ["embed", "x", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
     (lambda d: ["search", "q", "-c", d / "gone.txt"], "input file '{d}/gone.txt' does not exist"),
-    (lambda d: ["search", "q", "-c", _write(d / "e.txt", "\n\n")], "e.txt holds no texts to search"),
+    (lambda d: ["search", "q", "-c", _write(d / "e.txt", "")], "e.txt holds no texts to search"),
     (lambda d: ["search", "-c", _write(d / "a.txt", "x\n")], "the following arguments are required: QUERY"),
     (lambda d: ["info", d / "nothing"], "'{d}/nothing' does not exist; pass a model folder"),
     (lambda d: ["info", d], "is not a model folder (it needs a config.json)"),

@@ -23,15 +23,22 @@ def test_subcommand_help(argv, expected, capsys):
     assert expected in capsys.readouterr().out
 
 
-def test_npy_writer_streams_rows_and_refuses_a_file_that_changed_size(tmp_path):
-    from bertkit.cli import InputError, _write_npy
+class _FakeEncoder:
+    dim = 4
 
-    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
-    out = tmp_path / "e.npy"
-    _write_npy(out, ((i, "t", r) for i, r in enumerate(rows)), 3, 4, "in.txt")
-    np.testing.assert_array_equal(np.load(out), rows)
-    for n, message in ((4, "shrank"), (2, "grew")):
-        target = tmp_path / f"bad{n}.npy"
-        with pytest.raises(InputError, match=message):
-            _write_npy(target, ((i, "t", r) for i, r in enumerate(rows)), n, 4, "in.txt")
-        assert not target.exists() and not list(tmp_path.glob(f".bad{n}*"))
+    def encode_stream(self, texts, chunk_size, **options):
+        texts = list(texts)
+        for start in range(0, len(texts), chunk_size):
+            yield np.full((len(texts[start:start + chunk_size]), 4), start, dtype=np.float32)
+
+
+@pytest.mark.parametrize("claimed, message", [(4, "shrank"), (2, "grew")])
+def test_embed_refuses_an_input_that_changed_while_read(tmp_path, monkeypatch, capsys, claimed, message):
+    from bertkit.commands import embed
+
+    (tmp_path / "in.txt").write_text("a\nb\nc\n")
+    monkeypatch.setattr(embed, "count_texts", lambda *a: claimed)  # as if the file changed between the two reads
+    monkeypatch.setattr(embed, "load_encoder", lambda args: _FakeEncoder())
+    assert cli.main(["embed", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "e.npy")]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # no output, no partial or progress file

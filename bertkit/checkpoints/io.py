@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -156,6 +157,15 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} could not be read as safetensors ({exc}); the file is corrupted") from exc
 
 
+def torch_load_reason(exc: BaseException) -> str:
+    """torch.load's error without its advice to retry with ``weights_only=False``, which would run the file."""
+    text = str(exc)
+    if "weights_only" not in text:
+        return text.split(". This is an internal")[0].splitlines()[0] if text else type(exc).__name__
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    return f"not a plain-tensor pickle: {detail.group(1).strip()}" if detail else "not a plain-tensor pickle"
+
+
 def load_torch_bin(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads a ``pytorch_model.bin`` with ``weights_only=True``: pickle that would run code is refused."""
     import torch
@@ -165,11 +175,12 @@ def load_torch_bin(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
-            f"{path} was refused: its pickle asks for code that is not plain tensors ({str(exc).splitlines()[0]}). "
+            f"{path} was refused: its pickle asks for code that is not plain tensors ({torch_load_reason(exc)}). "
             "Loading it could run arbitrary code; convert it to safetensors in a sandbox you trust"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} could not be read ({exc}); the file is truncated or corrupted") from exc
+        raise ValueError(f"{path} could not be read ({torch_load_reason(exc)}); the file is truncated or "
+                         "corrupted") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     for wrapper in ("state_dict", "model"):  # Lightning-style and Salesforce BLIP-style wrappers

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .convert import apply, inverse
-from .io import SAFE_WEIGHTS, atomic_write_bytes, save_safetensors
+from .io import SAFE_WEIGHTS, atomic_write_bytes, save_safetensors, torch_load_reason
 from .tables.megatron_lm import TENSOR_PARALLEL_DIMS, megatron_bert_table, merge_qkv_shards, qkv_layout
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
@@ -93,7 +93,7 @@ def load_megatron_checkpoint(path: str | Path, ignore_globals: Iterable[str] = (
     except pickle.UnpicklingError as exc:
         names = _refused_globals(path, exc, {"argparse.Namespace", *ignored})
         if not names:
-            raise ValueError(f"{path} could not be read ({exc}); it is not a torch checkpoint, "
+            raise ValueError(f"{path} could not be read ({torch_load_reason(exc)}); it is not a torch checkpoint, "
                              "or is corrupted") from exc
         raise ValueError(
             f"{path} was refused: its pickle needs {', '.join(names)}, which bertkit does not load from Megatron "
@@ -102,7 +102,8 @@ def load_megatron_checkpoint(path: str | Path, ignore_globals: Iterable[str] = (
             f"value), pass --ignore-global {names[0]} (ignore_globals=[...]): it is then read as an inert placeholder, "
             "never imported or called") from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} could not be read ({exc}); the file is truncated or not a torch checkpoint") from exc
+        raise ValueError(f"{path} could not be read ({torch_load_reason(exc)}); the file is truncated or not a "
+                         "torch checkpoint") from exc
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a Megatron-LM checkpoint dict")
     return checkpoint

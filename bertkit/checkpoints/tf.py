@@ -45,10 +45,11 @@ def _architecture(state: dict) -> str:
 
 
 def _read_config(config_path: Path) -> dict:
-    try:
-        google = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read the BERT config {config_path}: {exc}") from exc
+    from ..io_readers import read_json  # names the file and line of a bad byte or bad JSON
+
+    google = read_json(config_path)
+    if not isinstance(google, dict):
+        raise ValueError(f"{config_path} is not a JSON object; pass the bert_config.json shipped with the checkpoint")
     missing = [k for k in _REQUIRED if k not in google]
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}; pass the bert_config.json shipped "

@@ -9,15 +9,17 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..io_readers import InputError, decoded_lines, read_json, read_rows
 
-class DataError(ValueError):
-    """A training or evaluation file that cannot be used as it is."""
+
+# One reader and one error class for every user file (bertkit.io_readers): a bad byte, bad JSON or a
+# short CSV row is reported with the file and line, as `bertkit embed` reports it.
+DataError = InputError
 
 
 def _open(path: str | os.PathLike) -> Path:
@@ -28,27 +30,8 @@ def _open(path: str | os.PathLike) -> Path:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for CSV (header on line 1) or JSONL (one object per line)."""
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); JSONL needs one object "
-                                    "per line") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                yield number, row
-        return
-    if path.suffix.lower() not in (".csv", ".tsv"):
-        raise DataError(f"{path}: unknown extension {path.suffix!r}; use .csv, .tsv or .jsonl")
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        for row in reader:
-            yield reader.line_num, row
+    """(line number, row) for CSV/TSV (header on line 1) or JSONL (one object per line)."""
+    return read_rows(path)
 
 
 def _require(path: Path, number: int, row: dict, columns: tuple[str, ...]) -> None:
@@ -113,22 +96,21 @@ def read_conll(path: str | os.PathLike) -> list[dict]:
     """
     path = _open(path)
     sentences, words, tags, start = [], [], [], 1
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
-                if words:
-                    sentences.append({"words": words, "tags": tags, "line": start})
-                words, tags = [], []
-                continue
-            if len(parts) < 2:
-                raise DataError(f"{path}:{number}: {line.strip()!r} has one column; CoNLL needs the token "
-                                "first and its tag in the last column (e.g. 'Paris B-LOC'), and a blank "
-                                "line between sentences")
-            if not words:
-                start = number
-            words.append(parts[0])
-            tags.append(parts[-1])
+    for number, line in decoded_lines(path):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                sentences.append({"words": words, "tags": tags, "line": start})
+            words, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{number}: {line.strip()!r} has one column; CoNLL needs the token "
+                            "first and its tag in the last column (e.g. 'Paris B-LOC'), and a blank "
+                            "line between sentences")
+        if not words:
+            start = number
+        words.append(parts[0])
+        tags.append(parts[-1])
     if words:
         sentences.append({"words": words, "tags": tags, "line": start})
     if not sentences:
@@ -142,10 +124,7 @@ def read_squad(path: str | os.PathLike) -> list[dict]:
     ``answers`` is a list of ``(text, answer_start)``; for v2 unanswerable questions it is empty.
     """
     path = _open(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataError(f"{path}: expected SQuAD JSON {{\"data\": [{{\"paragraphs\": [...]}}]}}")
     examples = []

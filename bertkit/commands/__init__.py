@@ -1,0 +1,1 @@
+"""Subcommands of ``bertkit`` that are too long for ``bertkit/cli.py`` (which keeps the table and ``main``)."""
