@@ -62,6 +62,9 @@ def test_finetune_then_predict(tmp_path, capsys):
     code, again, err = run(capsys, "predict", "--model", out, "I loved it")
     assert code == 0 and again == stdout
     assert err.strip() == f"note: {out} is a finetune run folder; using its model {out / 'best'}"
+    from bertkit.pipelines.base import resolve_model_dir
+
+    assert resolve_model_dir(out)[0] == out / "best" and (out / "final" / "config.json").is_file()
 
 
 def test_predict_files_and_outputs(folders, tmp_path, capsys):

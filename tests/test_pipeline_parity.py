@@ -75,9 +75,10 @@ def assert_same(ours, theirs, path="out"):
 # ------------------------------------------------------------------------------------ text classification
 @pytest.mark.parametrize("kwargs", [{}, {"top_k": None}, {"top_k": 2, "function_to_apply": "sigmoid"},
                                     {"function_to_apply": "none"}])
-def test_text_classification_matches_transformers(folders, kwargs):
-    theirs = transformers.pipeline("text-classification", model=str(folders / "seq"))
-    ours = bertkit.pipeline(model=folders / "seq")  # the task comes from config.json's architectures
+@pytest.mark.parametrize("name", ["seq", "ce"])  # 3 labels (softmax by default), 1 label (sigmoid)
+def test_text_classification_matches_transformers(folders, kwargs, name):
+    theirs = transformers.pipeline("text-classification", model=str(folders / name))
+    ours = bertkit.pipeline(model=folders / name)  # the task comes from config.json's architectures
     assert ours.task == "text-classification"
     inputs = TEXTS + [{"text": "is it far?", "text_pair": "It is two hours by train."}]
     assert_same(ours(inputs, **kwargs), theirs(inputs, **kwargs))
@@ -92,6 +93,16 @@ def test_text_classification_truncates_long_texts_without_tokenizing_them(folder
     assert len(rows[0].input_ids) == 32 and rows[0].input_ids[-1] == pipe.tokenizer.sep_token_id
     full = pipe.tokenizer("word " * 100, max_length=32, return_tensors=None)["input_ids"]
     assert rows[0].input_ids == full
+    # texts whose bounded prefix holds too few tokens (long whitespace runs, one huge "word") and pairs with
+    # one or two long segments come out exactly as the tokenizer truncates the full text
+    tricky = ["a" + " " * 5000 + "b c d " * 50, "x" * 3000 + " y" * 40, "word " * 3000]
+    for text in tricky:
+        assert pipe.tokenize([text])[0].input_ids == pipe.tokenizer(text, max_length=32, return_tensors=None)["input_ids"]
+    for a, b in [(tricky[2], "short one"), ("short one", tricky[2]), (tricky[2], "word " * 5000),
+                 ("word " * 5000, tricky[2]), (tricky[0], tricky[2])]:  # the longer of two long ones gets the odd token
+        expected = pipe.tokenizer(a, b, max_length=32, return_tensors=None)
+        row = pipe.tokenize([{"text": a, "text_pair": b}])[0]
+        assert (row.input_ids, row.token_type_ids) == (expected["input_ids"], expected["token_type_ids"])
     # one padding-free batch of mixed rows gives the same logits as each row alone
     together = pipe.score_rows(rows)
     alone = torch.cat([pipe.score_rows([r]) for r in rows])
@@ -164,6 +175,19 @@ def test_token_classification_matches_transformers(folders, strategy):
                 assert reference["word"].replace(" ", "").replace("##", "") in \
                     entity["word"].lower().replace(" ", "").replace("ü", "u")
     assert list(ours(TEXTS[1])[0]) == list(theirs(TEXTS[1])[0])  # same keys in the same order
+
+
+def test_grouping_of_b_and_i_tags():
+    """Hand-checked: I-X continues X, B-X starts a new X, a bare label continues itself; score = mean."""
+    from bertkit.pipelines.token_classification import TokenClassificationPipeline
+
+    tags = ["B-PER", "I-PER", "B-PER", "I-PER", "I-LOC", "MISC", "MISC", "B-LOC", "O"]
+    entities = [{"entity": t, "score": 0.1 * (i + 1), "start": 2 * i, "end": 2 * i + 1} for i, t in enumerate(tags)]
+    groups = TokenClassificationPipeline._group(TokenClassificationPipeline.__new__(TokenClassificationPipeline),
+                                                entities)
+    assert [(g["entity_group"], g["start"], g["end"]) for g in groups] == [
+        ("PER", 0, 3), ("PER", 4, 7), ("LOC", 8, 9), ("MISC", 10, 13), ("LOC", 14, 15), ("O", 16, 17)]
+    assert [round(g["score"], 6) for g in groups] == [0.15, 0.35, 0.5, 0.65, 0.8, 0.9]
 
 
 def test_aggregation_strategies_differ_on_this_model(folders):
