@@ -147,3 +147,15 @@ def test_library_errors_name_the_input(folders):
         bertkit.pipeline("ner", folders / "tok", aggregation_strategy="longest")
     with pytest.raises(TypeError, match="got unknown option\\(s\\) \\['aggregation_strategy'\\]"):
         bertkit.pipeline("text-classification", folders / "seq", aggregation_strategy="first")
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom bertkit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    codes = [main(['predict', '--help']), main(['rerank', '--help']), main(['predict', '--top-k', 'x'])]\n"
+            "print(codes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[0, 0, 2] False", out.stdout + out.stderr

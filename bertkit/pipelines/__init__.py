@@ -3,15 +3,11 @@
 ``bertkit.pipeline(task, model)`` returns a callable with transformers' task names, arguments and output
 shapes (lists of dicts with the same keys):
 
-===========================================  ===============================================================
-task                                         what it returns per input
-===========================================  ===============================================================
-``text-classification`` (``sentiment-analysis``)  ``{"label", "score"}`` (``top_k``: a list of them)
-``token-classification`` (``ner``)           ``[{"entity"|"entity_group", "score", "word", "start", "end"}]``
-``question-answering``                       ``{"score", "start", "end", "answer"}`` (``top_k``: a list)
-``fill-mask``                                ``[{"score", "token", "token_str", "sequence"}]``
-``feature-extraction`` (``sentence-embedding``)  the embedding (a :class:`~bertkit.SentenceEncoder`)
-===========================================  ===============================================================
+* ``text-classification`` (alias ``sentiment-analysis``): ``{"label", "score"}`` (``top_k``: a list of them);
+* ``token-classification`` (``ner``): ``[{"entity" or "entity_group", "score", "word", "start", "end"}]``;
+* ``question-answering``: ``{"score", "start", "end", "answer"}`` (``top_k``: a list of them);
+* ``fill-mask``: ``[{"score", "token", "token_str", "sequence"}]`` per mask;
+* ``feature-extraction`` (``sentence-embedding``): the embedding, from a :class:`~bertkit.SentenceEncoder`.
 
 Inputs are tokenized in one Rust call, sorted by length and run in padding-free batches; long texts are
 truncated to ``max_length`` (question answering splits long contexts into overlapping windows instead).
@@ -23,11 +19,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
-from .base import PipelineError, architecture, pick_device, resolve_model_dir, supported_tasks
-
+# Nothing heavy at import time: `bertkit predict --help` imports this package (through pipelines.cli).
 logger = logging.getLogger("bertkit")
+
+
+class PipelineError(ValueError):
+    """A model folder or an input that does not fit the pipeline; the message names it and the fix."""
 
 TASKS = ("text-classification", "token-classification", "question-answering", "fill-mask", "feature-extraction")
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification",
@@ -46,6 +43,7 @@ def infer_task(folder: Path) -> str:
     """The task of a model folder: from config.json's ``architectures`` (a sentence-transformers folder
     with ``modules.json`` is ``feature-extraction``, a cross-encoder ``text-classification``)."""
     from ..config import BertConfig
+    from .base import supported_tasks
 
     if (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
         return "feature-extraction"
@@ -70,8 +68,7 @@ class FeatureExtractionPipeline:
         return self.encoder.encode(texts, **options)
 
 
-def pipeline(task: str | None = None, model: str | Path | None = None, device: str | torch.device | None = None,
-             dtype: torch.dtype | str | None = None, **options):
+def pipeline(task: str | None = None, model: str | Path | None = None, device=None, dtype=None, **options):
     """Builds a pipeline for a task from a model folder, as ``transformers.pipeline``.
 
     Args:
@@ -96,6 +93,7 @@ def pipeline(task: str | None = None, model: str | Path | None = None, device: s
         PipelineError: Unknown task, a head that does not do the task, bad option values.
     """
     from ..tokenizer import Tokenizer
+    from .base import pick_device, resolve_model_dir
 
     name = normalize_task(task) if task is not None else None
     if model is None:
@@ -145,4 +143,4 @@ def _no_unknown(options: dict, allowed: set, task: str) -> None:
         raise TypeError(f"pipeline({task!r}) got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
 
 
-__all__ = ["pipeline", "PipelineError", "TASKS", "architecture"]
+__all__ = ["pipeline", "PipelineError", "TASKS"]

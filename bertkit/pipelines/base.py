@@ -17,6 +17,7 @@ import torch
 
 from ..config import BertConfig
 from ..tokenizer import Tokenizer
+from . import PipelineError
 
 logger = logging.getLogger("bertkit")
 
@@ -30,10 +31,6 @@ class Row(NamedTuple):
 
     input_ids: list[int]
     token_type_ids: list[int]
-
-
-class PipelineError(ValueError):
-    """A model folder or an input that does not fit the pipeline; the message names it and the fix."""
 
 
 def resolve_model_dir(path: str | Path) -> tuple[Path, str | None]:
