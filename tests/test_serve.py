@@ -71,10 +71,12 @@ class Server:
                                       "--threads", "1", "--log-level", "warning", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
+        self.health_seen = []  # /health answers while starting: 503 {"status": "loading"} until warm
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()
             try:
-                if self.request("GET", "/health")[0] == 200:
+                self.health_seen.append(self.request("GET", "/health"))
+                if self.health_seen[-1][0] == 200:
                     return
             except OSError:
                 pass
@@ -206,8 +208,10 @@ def test_tokenize_info_health_metrics(server):
     assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_client_batch_size"] == 8
     assert [m["model_type"] for m in info["models"]][1] == {"embedding": {"pooling": "cls"}}
     assert server.request("GET", "/health", key=None) == (200, {"status": "ok"})
+    assert server.health_seen[0] == (503, {"status": "loading"})  # the port opens before the models load
     assert server.metric("bertkit_requests_total", route="/tokenize", status="200") >= 1
-    assert server.metric("bertkit_tokens_total", model="minilm") > 0
+    assert server.request("POST", "/embed", {"inputs": "Hello world"})[0] == 200
+    assert server.metric("bertkit_tokens_total", model="minilm") >= 4
     for series in ("bertkit_request_duration_seconds_bucket", "bertkit_queue_wait_seconds_count",
                    "bertkit_batch_tokens_count", "bertkit_inference_seconds_count", "bertkit_queue_rows"):
         assert series in server.request("GET", "/metrics")[1]
