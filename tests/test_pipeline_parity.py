@@ -220,3 +220,22 @@ def test_sentence_embedding_is_the_sentence_encoder():
     pipe = bertkit.pipeline("sentence-embedding")  # the bundled all-MiniLM-L6-v2
     np.testing.assert_array_equal(pipe(TEXTS), bertkit.SentenceEncoder.from_pretrained().encode(TEXTS))
     assert pipe(TEXTS[0]).shape == (384,)
+
+
+def test_megatron_bert_folders_work_too(tmp_path):
+    """A Megatron-BERT (pre-LayerNorm) token classifier saved by transformers: same entities."""
+    tok = transformers.AutoTokenizer.from_pretrained(bundled_model_dir())
+    torch.manual_seed(0)
+    config = transformers.MegatronBertConfig(vocab_size=len(tok), **TINY, id2label=dict(enumerate(NER_LABELS)),
+                                             label2id={k: i for i, k in enumerate(NER_LABELS)})
+    model = transformers.MegatronBertForTokenClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(40.0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    theirs = transformers.pipeline("ner", model=str(tmp_path), aggregation_strategy="average")
+    ours = bertkit.pipeline(model=tmp_path, aggregation_strategy="average")
+    got, want = ours(TEXTS, ignore_labels=[]), theirs(TEXTS, ignore_labels=[])
+    assert len({e["entity_group"] for row in got for e in row}) > 1
+    for a, b in zip(got, want):
+        assert_same(_comparable(a), _comparable(b))
