@@ -1,7 +1,7 @@
 """Peak memory of `bertkit embed` on big files: does it stay flat as the input grows?
 
 `bertkit embed --input FILE --output OUT` reads the file and embeds it in chunks of
-``bertkit.cli.CHUNK_SIZE`` texts and writes each chunk's rows as it goes (.npy and
+``bertkit.commands.embed.CHUNK_SIZE`` texts and writes each chunk's rows as it goes (.npy and
 .jsonl appended through a buffered file), so its peak memory should not depend on the number of lines. This script checks
 that on the real command line:
 
