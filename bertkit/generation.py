@@ -26,11 +26,29 @@ transformers only warns about (a max_length beyond the position table, temperatu
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _NEG = -1.0e9  # HF's "impossible" score for beams; kept identical so ties resolve the same way
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The decoding options of :func:`generate` (same names, defaults and meaning), checked and passed as one."""
+
+    max_length: int = 20
+    min_length: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
 
 @torch.no_grad()
@@ -108,8 +126,9 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_length = prompt_len + max_new_tokens
-    _check_options(config, prompt_len, max_length, min_length, num_beams, do_sample, top_k, top_p, temperature,
-                   repetition_penalty, early_stopping, num_return_sequences, generator, seed)
+    opts = GenerationOptions(max_length, min_length, num_beams, do_sample, top_k, top_p, temperature,
+                             repetition_penalty, length_penalty, early_stopping, num_return_sequences)
+    _check_options(config, prompt_len, opts, generator, seed)
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     expand = max(num_beams, num_return_sequences)
@@ -163,9 +182,8 @@ def generate(model, input_ids: torch.Tensor | None = None, *, max_length: int = 
     process = _Processor(eos, min_length, repetition_penalty, skip, do_sample, temperature, top_k, top_p,
                          min_keep=(len(eos) + 1 if eos else 2) if num_beams > 1 else 1)
     if num_beams == 1:
-        return _greedy_or_sample(step, tokens, logits, past, process, max_length, eos, pad, do_sample, generator)
-    return _beam_search(step, tokens, logits, past, process, batch, num_beams, max_length, eos, pad, do_sample,
-                        generator, length_penalty, early_stopping, num_return_sequences)
+        return _greedy_or_sample(step, tokens, logits, past, process, opts, eos, pad, generator)
+    return _beam_search(step, tokens, logits, past, process, opts, batch, eos, pad, generator)
 
 
 def _eos_list(eos) -> list[int]:
@@ -176,8 +194,11 @@ def _eos_list(eos) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def _check_options(config, prompt_len, max_length, min_length, num_beams, do_sample, top_k, top_p, temperature,
-                   repetition_penalty, early_stopping, num_return_sequences, generator, seed) -> None:
+def _check_options(config, prompt_len: int, opts: GenerationOptions, generator, seed) -> None:
+    max_length, min_length, num_beams, num_return_sequences = (opts.max_length, opts.min_length, opts.num_beams,
+                                                               opts.num_return_sequences)
+    top_k, top_p, temperature, early_stopping = opts.top_k, opts.top_p, opts.temperature, opts.early_stopping
+    do_sample, repetition_penalty = opts.do_sample, opts.repetition_penalty
     if max_length <= prompt_len:
         raise ValueError(f"max_length ({max_length}) counts the prompt and must exceed its length ({prompt_len}); "
                          f"raise max_length or pass max_new_tokens")
@@ -274,7 +295,8 @@ class _Processor:
         return scores
 
 
-def _greedy_or_sample(step, tokens, logits, past, process, max_length, eos, pad, do_sample, generator):
+def _greedy_or_sample(step, tokens, logits, past, process, opts: GenerationOptions, eos, pad, generator):
+    max_length, do_sample = opts.max_length, opts.do_sample
     eos_t = torch.tensor(eos, device=tokens.device)
     unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     while True:
@@ -292,8 +314,10 @@ def _greedy_or_sample(step, tokens, logits, past, process, max_length, eos, pad,
         logits, past = step(new, past)
 
 
-def _beam_search(step, tokens, logits, past, process, batch, num_beams, max_length, eos, pad, do_sample,
-                 generator, length_penalty, early_stopping, num_return_sequences):
+def _beam_search(step, tokens, logits, past, process, opts: GenerationOptions, batch, eos, pad, generator):
+    num_beams, max_length, do_sample = opts.num_beams, opts.max_length, opts.do_sample
+    length_penalty, early_stopping, num_return_sequences = (opts.length_penalty, opts.early_stopping,
+                                                            opts.num_return_sequences)
     prompt_len, vocab = tokens.shape[1], logits.shape[-1]
     device = tokens.device
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
