@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
+
+# What a finetune/pretrain run writes into OUT; any of them there means OUT already holds a run.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "best", "final", "train_args.json")
 
 FINETUNE_EXAMPLES = """\
   bertkit finetune --task classify --train examples/sentiment_train.csv --eval examples/sentiment_eval.csv --out runs/sentiment
@@ -40,12 +46,13 @@ def _common(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
     g = parser.add_argument_group("optimization")
     g.add_argument("--batch-size", type=_positive(int), default=batch, help="examples per process and micro-batch "
                    f"(global batch = batch-size x grad-accum x processes; default {batch})")
-    g.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=_positive(float), default=lr, help=f"peak AdamW learning rate (default {lr})")
     g.add_argument("--warmup-ratio", type=float, default=None, help="fraction of steps of linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off")
-    g.add_argument("--seed", type=int, default=42, help="seeds data order, masking, dropout and new weights")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm "
+                   "(default 0.01)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off (default 1)")
+    g.add_argument("--seed", type=int, default=42, help="seeds data order, masking, dropout and new weights (default 42)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto = bf16 (else fp16) on GPU, fp32 on CPU")
@@ -56,15 +63,23 @@ def _common(parser: argparse.ArgumentParser, lr: float, batch: int) -> None:
     g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, final/ (and best/)")
     g.add_argument("--save-every", type=int, default=None, metavar="N", help="checkpoint every N optimizer steps")
     g.add_argument("--keep-checkpoints", type=_positive(int), default=2, help="checkpoints kept (default 2)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoints/latest (starts fresh when there is none)")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoints/latest (starts fresh when there is none)")
+    again.add_argument("--overwrite", action="store_true", help="OUT already holds a run: delete it (metrics, "
+                       "checkpoints, best/, final/) and start again; without this or --resume such an OUT is refused")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
                    "state with FSDP2 fully_shard instead of DDP")
-    g.add_argument("--log-every", type=_positive(int), default=10, help="steps per line in metrics.jsonl")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--log-every", type=_positive(int), default=10, help="steps per line in metrics.jsonl (default 10)")
+    g.add_argument("--no-progress", "--quiet", "-q", action="store_true",
+                   help="no progress bar (there is one only when stderr is a terminal anyway)")
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
+    if not _main_process():  # under torchrun, warnings such as "newly initialised" once, from rank 0
+        import logging
+
+        logging.getLogger("bertkit").setLevel(logging.ERROR)
     if args.threads:
         import torch
 
@@ -89,16 +104,20 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="training file: .csv/.jsonl (classify, multiple-choice), "
                         "CoNLL (ner), SQuAD .json (qa)")
     parser.add_argument("--eval", default=None, help="evaluation file, scored after every epoch")
-    parser.add_argument("--epochs", type=_positive(int), default=3)
+    parser.add_argument("--epochs", type=_positive(int), default=3, help="passes over --train (default 3)")
     parser.add_argument("--max-steps", type=_positive(int), default=None, help="stop after N optimizer steps")
     parser.add_argument("--max-length", type=_positive(int), default=None,
                         help="truncation length in tokens (default 128; qa: window length, 384)")
     g = parser.add_argument_group("task options")
     g.add_argument("--label-type", choices=("auto", "single", "multi", "regression"), default="auto",
                    help="classify: label kind (auto: lists = multi-label, non-integer numbers = regression)")
-    g.add_argument("--doc-stride", type=int, default=128, help="qa: tokens shared by consecutive windows")
-    g.add_argument("--max-answer-length", type=_positive(int), default=30, help="qa: longest answer in tokens")
-    g.add_argument("--n-best", type=_positive(int), default=20, help="qa: start/end candidates per window")
+    g.add_argument("--text-column", default="text", help="classify: CSV/TSV column or JSON field of the text "
+                   "(default text)")
+    g.add_argument("--label-column", default="label", help="classify: column or field of the label (default label)")
+    g.add_argument("--doc-stride", type=int, default=128, help="qa: tokens shared by consecutive windows (default 128)")
+    g.add_argument("--max-answer-length", type=_positive(int), default=30, help="qa: longest answer in tokens "
+                   "(default 30)")
+    g.add_argument("--n-best", type=_positive(int), default=20, help="qa: start/end candidates per window (default 20)")
     g.add_argument("--null-threshold", type=float, default=0.0,
                    help="qa v2: answer nothing when null score > best span score + this")
     _common(parser, lr=5e-5, batch=16)
@@ -108,16 +127,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Runs ``bertkit finetune``; prints the summary as JSON on stdout (rank 0). Returns 0."""
     from .finetuning import finetune
 
+    _check_run_folder(args)
     options: dict[str, Any] = {}
     if args.task == "classify":
-        options["label_type"] = args.label_type
+        options = {"label_type": args.label_type, "text_column": args.text_column, "label_column": args.label_column}
+    elif (args.text_column, args.label_column) != ("text", "label"):
+        raise ValueError(f"--text-column/--label-column apply to --task classify, not {args.task}")
     elif args.task == "qa":
         options = {"doc_stride": args.doc_stride, "max_answer_length": args.max_answer_length,
                    "n_best": args.n_best, "null_threshold": args.null_threshold}
     summary = finetune(args.task, args.train, args.eval, out=args.out, model=args.model, tokenizer=args.tokenizer,
                        max_length=args.max_length, task_options=options, epochs=args.epochs,
                        max_steps=args.max_steps, **_hparams(args))
-    _print_summary(summary)
+    _print_summary("finetune", args.out, summary)
     return 0
 
 
@@ -131,9 +153,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
                         "bundled model's)")
     parser.add_argument("--nsp", action="store_true", help="add next-sentence prediction (BertForPreTraining)")
     parser.add_argument("--whole-word-masking", action="store_true", help="mask all pieces of a word together")
-    parser.add_argument("--max-length", type=_positive(int), default=128, help="tokens per instance")
-    parser.add_argument("--steps", type=_positive(int), default=1000, help="optimizer steps")
-    parser.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens predicted")
+    parser.add_argument("--max-length", type=_positive(int), default=128, help="tokens per instance (default 128)")
+    parser.add_argument("--steps", type=_positive(int), default=1000, help="optimizer steps (default 1000)")
+    parser.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens predicted "
+                        "(default 0.15)")
     parser.add_argument("--data-dir", default=None, help="token shards folder (default OUT/tokenized)")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --config num_hidden_layers=2 (repeatable)")
@@ -157,19 +180,68 @@ def run_pretrain(args: argparse.Namespace) -> int:
     """Runs ``bertkit pretrain``; prints the summary as JSON on stdout (rank 0). Returns 0."""
     from .pretraining import pretrain
 
+    _check_run_folder(args)
+    _check_pretrain_config(args.preset, _overrides(args.config))
     summary = pretrain(args.corpus, args.out, preset=args.preset, model=args.model, tokenizer=args.tokenizer,
                        nsp=args.nsp, whole_word_masking=args.whole_word_masking, max_length=args.max_length,
                        steps=args.steps, mlm_probability=args.mlm_probability, data_dir=args.data_dir,
                        config_overrides=_overrides(args.config), **_hparams(args))
-    _print_summary(summary)
+    _print_summary("pretrain", args.out, summary)
     return 0
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    import os
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary), flush=True)
+
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """Refuses an OUT that holds a run unless --resume or --overwrite says what to do with it."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {str(out.parent)!r} does not exist; create it first")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or args.resume:
+        return
+    if not args.overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                         "--overwrite to start again")
+    if _main_process():  # the other ranks wait for rank 0 in the process-group setup that follows
+        for name in found:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+
+
+def _check_pretrain_config(preset: str | None, overrides: dict[str, Any]) -> None:
+    # Every key and the preset are checked before the corpus is tokenized (which can take minutes).
+    import dataclasses
+    import difflib
+
+    from ..config import PRESETS, BertConfig
+
+    if preset is not None and preset not in PRESETS:
+        near = difflib.get_close_matches(preset, list(PRESETS), n=3)
+        raise ValueError(f"--preset {preset!r} is not a preset; {'did you mean ' + ' or '.join(near) + '? ' if near else ''}"
+                         f"choose one of {', '.join(PRESETS)}")
+    fields = [f.name for f in dataclasses.fields(BertConfig)]
+    for key in overrides:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=3)
+            raise ValueError(f"--config {key}=...: BertConfig has no field {key!r}"
+                             + (f"; did you mean {' or '.join(near)}?" if near else f"; fields: {', '.join(fields)}"))
+
+
+def _print_summary(command: str, out: str, summary: dict[str, Any]) -> None:
+    # Machine output (one JSON object) on stdout, the human line on stderr: `| jq` works.
+    if not _main_process():
+        return
+    out = Path(out)
+    saved = {"out": str(out), "final": str(out / "final")}
+    if (out / "best").is_dir():
+        saved["best"] = str(out / "best")
+    print(f"bertkit {command}: model saved to {saved['final']}"
+          + (f" (best evaluation: {saved['best']})" if "best" in saved else ""), file=sys.stderr, flush=True)
+    print(json.dumps({**summary, "saved": saved}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ def _require(path: Path, number: int, row: dict, columns: tuple[str, ...]) -> No
     missing = [c for c in columns if row.get(c) is None]
     if missing:
         raise DataError(f"{path}:{number}: missing column(s) {missing}; the row has {sorted(row)}. "
-                        f"Rename your columns to {list(columns)}.")
+                        f"Rename your columns to {list(columns)} (classify: or pass --text-column/--label-column).")
 
 
 def _parse_label(value: Any) -> Any:
@@ -67,8 +67,10 @@ def _parse_label(value: Any) -> Any:
     raise DataError(f"label {value!r} is neither a class name, a number nor a list")
 
 
-def read_classification(path: str | os.PathLike) -> list[dict]:
+def read_classification(path: str | os.PathLike, text: str = "text", label: str = "label") -> list[dict]:
     """Reads ``text`` [, ``text_pair``], ``label`` rows; labels parsed by :func:`_parse_label`.
+
+    ``text`` and ``label`` name the columns (JSON fields) that hold them, if not "text" and "label".
 
     Returns:
         Rows ``{"text", "text_pair" (or None), "label", "line"}``.
@@ -76,14 +78,14 @@ def read_classification(path: str | os.PathLike) -> list[dict]:
     path = _open(path)
     rows = []
     for number, row in _rows(path):
-        _require(path, number, row, ("text", "label"))
+        _require(path, number, row, (text, label))
         try:
-            label = _parse_label(row["label"])
+            parsed = _parse_label(row[label])
         except DataError as err:
             raise DataError(f"{path}:{number}: {err}") from None
         pair = row.get("text_pair")
-        rows.append({"text": str(row["text"]), "text_pair": None if pair in (None, "") else str(pair),
-                     "label": label, "line": number})
+        rows.append({"text": str(row[text]), "text_pair": None if pair in (None, "") else str(pair),
+                     "label": parsed, "line": number})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

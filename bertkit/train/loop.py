@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,7 +159,8 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         elif cfg.resume and self.info.is_main:
-            print(f"bertkit train: no checkpoint in {self.out / 'checkpoints'}; starting from scratch", flush=True)
+            print(f"bertkit train: no checkpoint in {self.out / 'checkpoints'}; starting from scratch", file=sys.stderr,
+                  flush=True)
 
     def _load_weights(self, folder: Path) -> None:
         from ..checkpoints.io import load_state_dict
@@ -189,11 +191,12 @@ class Trainer:
         rngs = state["rng"]
         if len(rngs) != self.info.world_size and self.info.is_main:
             print(f"bertkit train: {folder} has RNG states of {len(rngs)} processes, this run has "
-                  f"{self.info.world_size}; dropout masks will differ from the original run", flush=True)
+                  f"{self.info.world_size}; dropout masks will differ from the original run", file=sys.stderr,
+                  flush=True)
         ckpt.set_rng_state(rngs[self.info.rank % len(rngs)])
         if self.info.is_main:
             self._truncate_metrics()
-            print(f"bertkit train: resumed from {folder} (step {self.global_step})", flush=True)
+            print(f"bertkit train: resumed from {folder} (step {self.global_step})", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -308,7 +311,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ output
     def _progress(self):
-        if not (self.cfg.progress and self.info.is_main):
+        if not (self.cfg.progress and self.info.is_main and sys.stderr.isatty()):  # no bar in logs
             return None
         from tqdm.auto import tqdm
 
@@ -322,7 +325,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if record["type"] == "eval":
             shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
-            print(f"bertkit train: step {record['step']} eval {shown}", flush=True)
+            print(f"bertkit train: step {record['step']} eval {shown}", file=sys.stderr, flush=True)
 
     def _truncate_metrics(self) -> None:
         # Lines logged after the checkpoint we resume from belong to the lost part of the run.

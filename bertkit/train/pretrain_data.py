@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _say(message: str) -> None:
-    print(f"bertkit pretrain: {message}", flush=True)
+    print(f"bertkit pretrain: {message}", file=sys.stderr, flush=True)  # stdout is for the JSON summary
+
+
+def _bar(total: int, done: int):
+    # Tokenizing a big corpus takes minutes: a bar when someone watches (a terminal), never in a log.
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
 
 
 def _fingerprint(corpus: Path, tokenizer) -> dict:
@@ -99,9 +109,12 @@ def build_shards(corpus: str | os.PathLike, tokenizer, folder: str | os.PathLike
         atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
         tokens, lines, docs, count = [], [0], [], 0
 
+    bar = _bar(corpus.stat().st_size, offset)
     with open(corpus, "rb") as f:
         f.seek(offset)
         while True:
+            if bar is not None:
+                bar.update(f.tell() - bar.n)
             block = []
             for raw in f:
                 line_number += 1
@@ -134,6 +147,8 @@ def build_shards(corpus: str | os.PathLike, tokenizer, folder: str | os.PathLike
                 new_doc = True
         if count:
             flush(f.tell())
+    if bar is not None:
+        bar.close()
     manifest["complete"] = True
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest

@@ -29,8 +29,10 @@ class ClassifyTask(Task):
     name = "classify"
     model_class = models.BertForSequenceClassification
 
-    def __init__(self, tokenizer, max_length: int = 128, label_type: str = "auto"):
+    def __init__(self, tokenizer, max_length: int = 128, label_type: str = "auto", text_column: str = "text",
+                 label_column: str = "label"):
         super().__init__(tokenizer, max_length)
+        self.columns = {"text": text_column, "label": label_column}  # --text-column / --label-column
         if label_type not in ("auto", "single", "multi", "regression"):
             raise ValueError(f"label_type={label_type!r}: use auto, single, multi or regression")
         self.label_type = label_type
@@ -50,7 +52,7 @@ class ClassifyTask(Task):
         return "single"
 
     def load(self, train, eval):
-        train_rows = read_classification(train)
+        train_rows = read_classification(train, **self.columns)
         self.kind = self._kind(train_rows, train)
         self.problem_type = {"single": "single_label_classification", "multi": "multi_label_classification",
                              "regression": "regression"}[self.kind]
@@ -61,7 +63,7 @@ class ClassifyTask(Task):
             self.labels = sorted(names, key=lambda n: (0, int(n), "") if n.lstrip("-").isdigit() else (1, 0, n))
         self.main_metric, self.greater_is_better = {"single": ("accuracy", True), "multi": ("micro_f1", True),
                                                     "regression": ("mse", False)}[self.kind]
-        return self._encode(train_rows, train), self._encode(read_classification(eval), eval) if eval else []
+        return self._encode(train_rows, train), self._encode(read_classification(eval, **self.columns), eval) if eval else []
 
     def model_kwargs(self):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
