@@ -122,6 +122,20 @@ def _lowercases(normalizer: dict | None) -> bool:
     return normalizer.get("type") == "Lowercase" or bool(normalizer.get("lowercase"))
 
 
+def _refuse_fake_quantized(folder: Path) -> None:
+    # A folder written by `bertkit quantize` holds QDQ fake-quantization amax values for export (config.json
+    # has "quantization_config"); loading it as a float model would silently ignore them.
+    try:
+        quantized = "quantization_config" in _read_json(folder / "config.json")
+    except (OSError, ValueError, TypeError):
+        return  # a missing or corrupt config.json is reported by the loader with its own message
+    if quantized:
+        raise ValueError(f"{folder} holds a QDQ fake-quantized model written by `bertkit quantize` (its config.json "
+                         "has quantization_config): SentenceEncoder runs float folders. For int8 embeddings pass "
+                         "the original float folder with quantize='int8' (CLI: --quantize int8); to deploy this "
+                         "one, export it with `bertkit export-onnx --quantized`")
+
+
 # Default int8 calibration texts: varied registers and lengths. Real data from the user's domain is better.
 _CALIBRATION_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -206,6 +220,12 @@ class SentenceEncoder:
                 its config, weights or tokenizer) is missing.
             ValueError: Corrupt files, or a pipeline SentenceEncoder does not implement.
         """
+        if quantize is not None:  # checked before any loading: a missing extra is the first thing to learn
+            if quantize != "int8":
+                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+            from .quant.int8 import require_onnx
+
+            require_onnx("quantize='int8' (bertkit embed/search --quantize int8)")
         if path is None:
             folder = bundled_model_dir()
             if folder is None:
@@ -219,6 +239,7 @@ class SentenceEncoder:
                 raise FileNotFoundError(f"model folder {str(folder)!r} {what}; pass the folder that holds "
                                         "config.json (and modules.json for sentence-transformers models)")
         meta = read_sentence_transformers_metadata(folder)
+        _refuse_fake_quantized(meta["transformer_dir"])
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # Sentence checkpoints carry BERT's pooler, which sentence embeddings never use: expected, not reported.
@@ -234,8 +255,6 @@ class SentenceEncoder:
         encoder = cls(model, tokenizer, meta["pooling"], meta["normalize"], meta["max_seq_length"],
                       max_batch_tokens=max_batch_tokens, unpad=unpad)
         if quantize is not None:
-            if quantize != "int8":
-                raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
             from .quant.int8 import calibration_batches, to_int8
 
             texts = list(calibration_texts) if calibration_texts else list(_CALIBRATION_TEXTS)

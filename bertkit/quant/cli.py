@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from .calib import CALIB_METHODS
@@ -50,6 +51,15 @@ def _model_class(folder: Path):
     return bertkit.BertModel
 
 
+def _progress(total: int):
+    # A progress bar only on a terminal: logs and pipes get the one summary line at the end.
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", desc="Calibrating", file=sys.stderr)
+
+
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``MODEL --calib FILE --out DIR [--method ...]`` to ``parser``."""
     parser.add_argument("model", metavar="MODEL", help="model folder (config.json + weights + tokenizer)")
@@ -62,7 +72,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-bins", type=int, default=2048, help="histogram bins of the histogram methods")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per calibration text")
-    parser.add_argument("--max-texts", type=int, default=1024, help="calibrate on at most this many texts")
+    parser.add_argument("--max-texts", type=int, default=None, metavar="N",
+                        help="calibrate on the first N texts of the file (default: all of them)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave quantizers matching this fnmatch pattern in float (repeatable), e.g. "
                              "'*.output.add_local_input_quantizer'")
@@ -83,22 +94,28 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if out.resolve() == folder.resolve():
         raise ValueError(f"--out {out} is the model folder itself; write the quantized model to a new folder")
-    texts = []
-    for text in read_texts(args.calib, args.column):
-        if text.strip():
-            texts.append(text)
-        if len(texts) >= args.max_texts:
-            break
+    if args.max_texts is not None and args.max_texts < 1:
+        raise ValueError(f"--max-texts must be a positive number of texts, got {args.max_texts}")
+    texts = [text for text in read_texts(args.calib, args.column) if text.strip()]
     if not texts:
         raise ValueError(f"{args.calib} has no non-empty texts to calibrate on")
+    if args.max_texts is not None and len(texts) > args.max_texts:
+        print(f"calibrating on the first {args.max_texts} of the {len(texts)} texts of {args.calib} (--max-texts)",
+              file=sys.stderr)
+        texts = texts[: args.max_texts]
     preset = QuantConfig.hf_qdqbert if args.hf_placement else QuantConfig
     config = preset(calib_method=args.method, percentile=args.percentile, exclude=tuple(args.exclude))
     cls = _model_class(folder)
     model = quantize(cls.from_pretrained(folder), config)
     tokenizer = Tokenizer.from_pretrained(folder)
+    bar = _progress(len(texts))
     with calibrate(model, method=args.method, percentile=args.percentile, num_bins=args.num_bins):
         for batch in calibration_batches(tokenizer, texts, args.batch_size, args.max_length):
             model(**batch)
+            if bar is not None:
+                bar.update(len(batch["input_ids"]))
+    if bar is not None:
+        bar.close()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for name in _SENTENCE_FILES:
@@ -125,6 +142,9 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export_onnx(args: argparse.Namespace) -> int:
     """Runs ``bertkit export-onnx``; returns the exit status."""
+    from .int8 import require_onnx
+
+    require_onnx("bertkit export-onnx", runtime=False)  # before any model loads
     from .checkpoint import load_quantized
     from .onnx_export import export_onnx
 

@@ -23,6 +23,7 @@ float, but the outliers move into the weights, which are quantized per output ch
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -35,9 +36,24 @@ from ..models import BertModel
 from ..outputs import BaseModelOutput
 from .transform import QuantConfig, calibrate, quantize
 
+INSTALL_HINT = "pip install 'bertkit[int8]'"
 BACKENDS = ("onnxruntime", "torch")
 DEFAULT_BACKEND = "onnxruntime"
 DEFAULT_ALPHA = 0.85  # on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is not installed. An ImportError for library code; a ValueError so that the
+    command line prints its one-line message (exit status 2) instead of a traceback."""
+
+
+def require_onnx(what: str, runtime: bool = True) -> None:
+    """Raises :class:`MissingExtraError` naming ``what`` and the install command unless ``onnx`` (and, with
+    ``runtime``, ``onnxruntime``) can be imported. Call it before loading a model, so the user learns it first."""
+    missing = [name for name in ("onnx", "onnxruntime")[: 2 if runtime else 1] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                                f"not installed; run `{INSTALL_HINT}`")
 
 
 class PreScaled(nn.Module):
@@ -155,7 +171,8 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
         backend: "onnxruntime" (default, fastest measured) or "torch".
         alpha: SmoothQuant migration strength (0 disables smoothing).
         calib_method: Activation calibration of the onnxruntime backend ("max", "percentile", ...).
-        path: Where the onnxruntime backend writes its ``.onnx`` (default: a temporary file).
+        path: Where the onnxruntime backend writes its ``.onnx`` to keep (default: a temporary file, deleted
+            once the session is loaded).
 
     Returns:
         :class:`OnnxRuntimeModel` or a torch module (``torch`` backend) in eval mode.
@@ -165,6 +182,8 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
     if not isinstance(model, BertModel):
         raise ValueError(f"to_int8 takes a bertkit.BertModel (e.g. SentenceEncoder.model), got "
                          f"{type(model).__name__}; for task models use quantize() + export_onnx()")
+    if backend == "onnxruntime":
+        require_onnx("int8 inference (backend 'onnxruntime')")
     calibration = list(calibration)
     work = copy.deepcopy(model).float().eval()
     if alpha > 0:
@@ -177,11 +196,15 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
             work(**batch)
     from .onnx_export import export_onnx
 
-    if path is None:
-        handle, path = tempfile.mkstemp(suffix=".onnx", prefix="bertkit-int8-")
-        os.close(handle)
-    export_onnx(work, path)
-    return OnnxRuntimeModel(path, model.config).eval()
+    if path is not None:
+        export_onnx(work, path)
+        return OnnxRuntimeModel(path, model.config).eval()
+    # The session keeps the graph in memory: the temporary file (90 MB for all-MiniLM-L6-v2) goes as soon as
+    # the session exists, or when anything fails on the way.
+    with tempfile.TemporaryDirectory(prefix="bertkit-int8-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        export_onnx(work, path)
+        return OnnxRuntimeModel(path, model.config).eval()
 
 
 def quantize_dynamic_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
