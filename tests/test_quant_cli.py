@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bertkit
+from bertkit.checkpoints.io import _umask
 from bertkit.quant import load_quantized, quantizers
 from bertkit.quant.cli import add_export_onnx_arguments, add_quantize_arguments, run_export_onnx, run_quantize
 from test_quant_model import TINY
@@ -56,8 +57,16 @@ def test_quantize_then_export(model_dir, tmp_path, capsys):
     assert run_export_onnx(parser().parse_args(["export-onnx", str(out), str(onnx_file), "--quantized"])) == 0
     ops = collections.Counter(n.op_type for n in onnx.load(str(onnx_file)).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["QuantizeLinear"] == ops["DequantizeLinear"]
-    with pytest.raises(ValueError, match="--quantized"):
-        run_export_onnx(parser().parse_args(["export-onnx", str(out), str(tmp_path / "f.onnx")]))
+    # Issue #18 point 13: a quantized folder is detected, --quantized is not needed (and wrong on a float one).
+    assert run_export_onnx(parser().parse_args(["export-onnx", str(out), str(tmp_path / "f.onnx")])) == 0
+    assert collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node) == ops
+    with pytest.raises(ValueError, match="holds no quantized model.*drop --quantized"):
+        run_export_onnx(parser().parse_args(["export-onnx", str(model_dir), str(tmp_path / "g.onnx"), "--quantized"]))
+    # Issue #18 point 7: written beside the output and moved into place; an unwritable place is refused first.
+    assert sorted(p.name for p in tmp_path.glob("*.onnx*")) == ["f.onnx", "m.onnx"]
+    assert oct(onnx_file.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(FileNotFoundError, match="folder .*nowhere' does not exist"):
+        run_export_onnx(parser().parse_args(["export-onnx", str(out), str(tmp_path / "nowhere" / "x.onnx")]))
 
     float_file = tmp_path / "float.onnx"
     assert run_export_onnx(parser().parse_args(["export-onnx", str(model_dir), str(float_file)])) == 0

@@ -80,6 +80,30 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-placement", action="store_true",
                         help="HF QDQ-BERT placement: encoder only, -128..127 grid")
     parser.add_argument("--summary", action="store_true", help="print every quantizer with its amax")
+    _run_options(parser, device=True)
+
+
+def _run_options(parser: argparse.ArgumentParser, device: bool) -> None:
+    # --threads/--device/--quiet, as on embed and search (issue #18).
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch "
+                        "(default: torch's choice)")
+    if device:
+        parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                            help="where calibration runs (default: auto = cuda if available, else cpu)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")
+
+
+def _apply_run_options(args: argparse.Namespace):
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive number, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -96,6 +120,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is the model folder itself; write the quantized model to a new folder")
     if args.max_texts is not None and args.max_texts < 1:
         raise ValueError(f"--max-texts must be a positive number of texts, got {args.max_texts}")
+    # One rule for outputs: the file or folder itself is created, the folder it goes in must exist.
+    from ..checkpoints.io import writable_folder
+
+    writable_folder(out, "--out")
+    device = _apply_run_options(args)
     texts = [text for text in read_texts(args.calib, args.column) if text.strip()]
     if not texts:
         raise ValueError(f"{args.calib} has no non-empty texts to calibrate on")
@@ -106,12 +135,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     preset = QuantConfig.hf_qdqbert if args.hf_placement else QuantConfig
     config = preset(calib_method=args.method, percentile=args.percentile, exclude=tuple(args.exclude))
     cls = _model_class(folder)
-    model = quantize(cls.from_pretrained(folder), config)
+    model = quantize(cls.from_pretrained(folder), config).to(device)
     tokenizer = Tokenizer.from_pretrained(folder)
-    bar = _progress(len(texts))
+    bar = None if args.quiet else _progress(len(texts))
     with calibrate(model, method=args.method, percentile=args.percentile, num_bins=args.num_bins):
         for batch in calibration_batches(tokenizer, texts, args.batch_size, args.max_length):
-            model(**batch)
+            model(**{k: v.to(device) for k, v in batch.items()})
             if bar is not None:
                 bar.update(len(batch["input_ids"]))
     if bar is not None:
@@ -126,8 +155,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.summary:
         print(calibration_summary(model))
     active = sum(1 for _, q in quantizers(model) if q.is_enabled)
-    print(f"{type(model).__name__}: {active} quantizers calibrated ({args.method}) on {len(texts)} texts; "
-          f"saved to {out}")
+    if not args.quiet:
+        print(f"{type(model).__name__}: {active} quantizers calibrated ({args.method}) on {len(texts)} texts; "
+              f"saved to {out}")
     return 0
 
 
@@ -136,8 +166,10 @@ def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model folder")
     parser.add_argument("output", metavar="OUT.onnx", help="ONNX file to write")
     parser.add_argument("--quantized", action="store_true",
-                        help="the folder was written by `bertkit quantize`: export QuantizeLinear/DequantizeLinear")
+                        help="export QuantizeLinear/DequantizeLinear (not needed: a folder written by `bertkit "
+                             "quantize` is detected)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 14, default 17)")
+    _run_options(parser, device=False)
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
@@ -146,22 +178,45 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
     require_onnx("bertkit export-onnx", runtime=False)  # before any model loads
     from .checkpoint import load_quantized
-    from .onnx_export import export_onnx
 
     folder, output = Path(args.model), Path(args.output)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if output.suffix != ".onnx":
         raise ValueError(f"{output}: the output file must end in .onnx")
+    from ..checkpoints.io import writable_folder
+
+    writable_folder(output, "OUT.onnx")  # before the model loads; the folder is not created (one rule for outputs)
+    _apply_run_options(args)
     cls = _model_class(folder)
-    if args.quantized:
-        model = load_quantized(cls, folder)
-    else:
-        stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if "quantization_config" in stored:
-            raise ValueError(f"{folder} holds a quantized model; add --quantized to export its Q/DQ graph")
-        model = cls.from_pretrained(folder)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, output, opset=args.opset)
-    print(f"wrote {output} ({'QDQ int8' if args.quantized else 'float'}, opset {args.opset})")
+    stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    quantized = args.quantized or "quantization_config" in stored
+    if args.quantized and "quantization_config" not in stored:
+        raise ValueError(f"{folder} holds no quantized model (no quantization_config in config.json); drop "
+                         "--quantized, or quantize it first with `bertkit quantize`")
+    model = load_quantized(cls, folder) if quantized else cls.from_pretrained(folder)
+    _export_atomically(model, output, args.opset)
+    if not args.quiet:
+        print(f"wrote {output} ({'QDQ int8' if quantized else 'float'}, opset {args.opset})", file=sys.stderr)
     return 0
+
+
+def _export_atomically(model, output: Path, opset: int) -> None:
+    # torch.onnx writes in place: a 91 MB file would exist at 58 MB under its final name. Write a hidden
+    # temporary file beside it and move it into place only when complete, as every bertkit output.
+    import os
+
+    from ..checkpoints.io import _fsync_dir, _umask
+    from .onnx_export import export_onnx
+
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        export_onnx(model, str(tmp), opset=opset)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(output.parent)
