@@ -186,3 +186,18 @@ def test_stdin_tsv_and_jsonl_ids(capsys, tmp_path, encoder, monkeypatch):
     assert run(capsys, "embed", "-i", tmp_path / "r.jsonl", "-o", tmp_path / "r.out.jsonl")[0] == 0
     rows = [json.loads(line) for line in (tmp_path / "r.out.jsonl").read_text().splitlines()]
     assert [(r["index"], r.get("id")) for r in rows] == [(0, "doc-7"), (1, None)]
+
+
+def test_jsonl_shards_merge_by_index_and_refuse_a_missing_part(capsys, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"text {i}\n" for i in range(7)))
+    for i in range(3):
+        assert run(capsys, "embed", "-i", source, "-o", tmp_path / f"p{i}.jsonl", "--shard", f"{i}/3", "-q")[0] == 0
+    code, _, err = run(capsys, "merge", tmp_path / "p2.jsonl", tmp_path / "p0.jsonl", tmp_path / "p1.jsonl",
+                       "-o", tmp_path / "all.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["index"] for r in rows] == list(range(7)) and rows[4]["text"] == "text 4"
+    code, _, err = run(capsys, "merge", tmp_path / "p0.jsonl", tmp_path / "p2.jsonl", "-o", tmp_path / "two.jsonl")
+    assert code == 2 and "row 2 where row 1 was expected" in err and not (tmp_path / "two.jsonl").exists()
+    code, _, err = run(capsys, "embed", "x", "--shard", "3/3")
+    assert code == 2 and "expected I/N with 0 <= I < N" in err

@@ -75,3 +75,23 @@ def test_pretrain_arguments_are_checked_before_any_work(tmp_path, capsys):
     assert train_main([*common, "--preset", "bert-tinny"]) == 2
     assert "--preset 'bert-tinny' is not a preset; did you mean bert-tiny" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing tokenized, no folder left behind
+
+
+def test_warnings_come_from_rank_0_only(monkeypatch):
+    # Issue #18 point 13: under torchrun "newly initialised: classifier.*" was printed once per process.
+    import argparse
+    import logging
+
+    from bertkit.train.cli import _hparams, add_finetune_arguments
+
+    parser = argparse.ArgumentParser()
+    add_finetune_arguments(parser)
+    args = parser.parse_args(["--task", "classify", "--train", "t.csv", "--out", "o"])
+    logger = logging.getLogger("bertkit")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    monkeypatch.setenv("RANK", "0")
+    _hparams(args)
+    assert logging.getLogger("bertkit.pretrained").isEnabledFor(logging.WARNING)
+    monkeypatch.setenv("RANK", "1")
+    _hparams(args)
+    assert not logging.getLogger("bertkit.pretrained").isEnabledFor(logging.WARNING)
