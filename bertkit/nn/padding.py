@@ -47,7 +47,8 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, length: int) -> torc
 
 @dataclass
 class PackedBatch:
-    """The sequence structure of a packed batch, handed to attention in place of a mask."""
+    """The mask of a packed batch: where each sequence starts, handed to attention in place of an
+    :class:`bertkit.nn.masks.AttentionMask` (its sibling for padded batches)."""
 
     indices: torch.Tensor       # (T,) flat positions in the padded (B, L) batch
     cu_seqlens: torch.Tensor    # (B+1,) int32 sequence starts in the packed tensor
@@ -66,6 +67,24 @@ class PackedBatch:
         # With right padding every token sits before max_len, so the re-padded path can stop there.
         right_padded = not bool(attention_mask[:, max_len:].any())
         return cls(indices, cu_seqlens, max_len, max_len if right_padded else length, batch, length, key_mask)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> "PackedBatch":
+        """From the sequence lengths alone (right-padded layout), computed on the host: no padded mask and no
+        device sync, for callers that pack token lists themselves. Equal to :meth:`from_mask` of the
+        right-padded mask of these lengths."""
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"lengths must be positive token counts, got {lengths}")
+        batch, max_len = len(lengths), max(lengths)
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        indices = torch.tensor([row * max_len + i for row, n in enumerate(lengths) for i in range(n)], device=device)
+        key_mask = torch.zeros(batch, 1, 1, max_len, dtype=dtype, device=device)
+        for row, n in enumerate(lengths):
+            key_mask[row, ..., n:] = torch.finfo(dtype).min
+        return cls(indices, torch.tensor(starts, dtype=torch.int32, device=device), max_len, max_len, batch, max_len,
+                   key_mask)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
         """Attention per sequence on packed ``(T, heads, D)`` tensors; returns ``(T, heads, D)``."""
