@@ -201,3 +201,43 @@ def test_jsonl_shards_merge_by_index_and_refuse_a_missing_part(capsys, tmp_path)
     assert code == 2 and "row 2 where row 1 was expected" in err and not (tmp_path / "two.jsonl").exists()
     code, _, err = run(capsys, "embed", "x", "--shard", "3/3")
     assert code == 2 and "expected I/N with 0 <= I < N" in err
+
+
+def test_progress_bars_only_on_a_terminal(capsys, tmp_path):
+    # Issue #18 point 12: `embed -i` drew its bar into logs (47 KB of bar in a 20k-line log).
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"line {i}\n" for i in range(30)))  # > 10 batches
+    code, _, err = run(capsys, "embed", "-i", source, "-o", tmp_path / "o.npy", "--batch-size", "2")
+    assert code == 0 and err == f"wrote 30 embeddings of dimension 384 to {tmp_path / 'o.npy'}\n"
+    assert run(capsys, "embed", "-i", source, "-o", tmp_path / "o.npy", "--quiet")[2] == ""
+
+
+@pytest.mark.parametrize("argv, shown", [(["finetune", "--help"], "passes over --train (default 3)"),
+                                         (["pretrain", "--help"], "optimizer steps (default 1000)"),
+                                         (["embed", "--help"], "(default: 2048)")])
+def test_help_shows_defaults(capsys, argv, shown):
+    assert cli.main(argv) == 0
+    assert shown in " ".join(capsys.readouterr().out.split())
+
+
+def test_export_onnx_never_leaves_a_partial_file_under_its_name(tmp_path, monkeypatch):
+    # Issue #18 point 7: the .onnx existed under its final name at 58 MB of 91 MB while being written.
+    from bertkit import BertConfig, BertModel
+    from bertkit.quant import cli as quant_cli
+    from bertkit.quant import onnx_export
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=20, max_position_embeddings=32)).save_pretrained(tmp_path / "m")
+    seen = []
+
+    def half_written(model, path, opset):
+        with open(path, "wb") as handle:
+            handle.write(b"half of a model")
+        seen.append((tmp_path / "m.onnx").exists())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", half_written)
+    parser = cli.build_parser()
+    with pytest.raises(OSError, match="disk full"):
+        quant_cli.run_export_onnx(parser.parse_args(["export-onnx", str(tmp_path / "m"), str(tmp_path / "m.onnx")]))
+    assert seen == [False] and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
