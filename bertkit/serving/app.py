@@ -195,10 +195,12 @@ class Call:
     def _left(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            self.state.metrics.rejected.labels("request_timeout").inc()
-            raise HTTPError(504, f"no answer within --request-timeout {self.state.config.request_timeout} s",
-                            "Timeout")
+            self._timeout()
         return left
+
+    def _timeout(self):
+        self.state.metrics.rejected.labels("request_timeout").inc()
+        raise HTTPError(504, f"no answer within --request-timeout {self.state.config.request_timeout} s", "Timeout")
 
     async def tokenize(self, model: ServedModel, texts, pairs=None, truncate: bool | None = None):
         truncate = self.state.config.auto_truncate if truncate is None else truncate
@@ -212,8 +214,7 @@ class Call:
         except (TypeError, ValueError) as err:  # the tokenizer's own refusals (e.g. lone surrogates)
             raise HTTPError(422, f"inputs: {err}", "Tokenizer") from None
         except asyncio.TimeoutError:
-            self._left()
-            raise
+            self._timeout()
 
     async def in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.state.pool, partial(fn, *args))
@@ -242,9 +243,7 @@ class Call:
         if gone in done:
             self.state.metrics.rejected.labels("client_disconnected").inc()
             raise ClientGone()
-        self._left()
-        raise HTTPError(504, f"no answer within --request-timeout {self.state.config.request_timeout} s",
-                        "Timeout")
+        self._timeout()
 
 
 def _endpoint(state: ServerState, schema, handler, openai: bool = False):
