@@ -368,3 +368,10 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_without_the_serve_extra_says_how_to_install_it():
+    code = "import sys; sys.modules['starlette'] = None; from bertkit.cli import main; sys.exit(main(['serve']))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "pip install 'bertkit[serve]'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
