@@ -241,3 +241,16 @@ def test_export_onnx_never_leaves_a_partial_file_under_its_name(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         quant_cli.run_export_onnx(parser.parse_args(["export-onnx", str(tmp_path / "m"), str(tmp_path / "m.onnx")]))
     assert seen == [False] and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_second_writer_of_the_same_output_is_refused(capsys, tmp_path):
+    # The partial file has a fixed name (so --resume finds it): a concurrent run must not write into it.
+    import fcntl
+
+    output = tmp_path / "out.npy"
+    with open(tmp_path / ".out.npy.partial", "a+b") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `bertkit embed` holds it
+        code, _, err = run(capsys, "embed", "hello", "-o", output)
+    assert code == 2 and "another bertkit embed is writing it right now" in err
+    assert (tmp_path / ".out.npy.partial").exists() and not output.exists()  # the other run's file is untouched
+    assert run(capsys, "embed", "hello", "-o", output)[0] == 0 and np.load(output).shape == (1, 384)

@@ -160,27 +160,40 @@ class _Job:
         self.npy = path.suffix.lower() == ".npy"
 
     def start(self, resume: bool, total: int, dim: int) -> tuple[int, Any]:
-        """Opens the partial file; returns (rows already done, open file)."""
-        done, size = 0, None
-        if resume and self.progress.is_file() and self.partial.is_file():
+        """Opens and locks the partial file; returns (rows already done, open file)."""
+        # "a+b" creates the file without truncating it: until the lock is ours, it may be another run's.
+        # Every write appends, which is all this writer does (after truncating to the resume point).
+        handle = open(self.partial, "a+b")  # a plain open(): the umask's permissions, as the output gets
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close, or when killed
+        except ImportError:  # not POSIX: no lock
+            pass
+        except BlockingIOError:
+            handle.close()
+            raise InputError(f"--output {self.path}: another bertkit embed is writing it right now; wait for it to "
+                             "finish, or write to another file") from None
+        done, size = 0, 0
+        if resume and self.progress.is_file():
             state = json.loads(self.progress.read_text(encoding="utf-8"))
             changed = sorted(k for k in set(state["settings"]) | set(self.settings)
                              if state["settings"].get(k) != self.settings.get(k))
             if changed:
+                handle.close()
                 raise InputError(f"--resume: the interrupted run of {self.path} used other settings ({', '.join(changed)} "
                                  "differ, or the input changed); run it again with the same ones, or without "
                                  "--resume to start over")
-            done, size = state["rows"], state["bytes"]
-        if size is None:
-            handle = open(self.partial, "wb")  # a plain open(): the umask's permissions, as the output should have
+            if os.fstat(handle.fileno()).st_size >= state["bytes"]:  # else the partial file is gone: start over
+                done, size = state["rows"], state["bytes"]
+        handle.truncate(size)  # after a kill -9 mid-chunk: the bytes past the last saved chunk go
+        handle.seek(size)
+        if size == 0:
+            done = 0
             if self.npy:  # the header, then rows appended in order: written pages do not stay in RSS
                 np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(_NPY_DTYPE),
                                                               "fortran_order": False, "shape": (total, dim)})
             self.save(handle, 0)
-        else:
-            handle = open(self.partial, "r+b")
-            handle.truncate(size)  # bytes written after the last saved chunk (a kill -9 mid-chunk) go
-            handle.seek(size)
         return done, handle
 
     def save(self, handle, rows: int) -> None:
