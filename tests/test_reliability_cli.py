@@ -254,3 +254,19 @@ def test_a_second_writer_of_the_same_output_is_refused(capsys, tmp_path):
     assert code == 2 and "another bertkit embed is writing it right now" in err
     assert (tmp_path / ".out.npy.partial").exists() and not output.exists()  # the other run's file is untouched
     assert run(capsys, "embed", "hello", "-o", output)[0] == 0 and np.load(output).shape == (1, 384)
+
+
+def test_an_approximate_index_answers_like_the_exact_one_on_a_small_corpus(capsys, tmp_path):
+    # faiss HNSW (issue #18 point 15, the option for corpora past a few million rows); on 42 rows with
+    # efSearch 128 it visits every row, so it must rank as exact search does. Recall at scale:
+    # benchmarks/index_recall.py.
+    assert run(capsys, "index", "build", "-c", CORPUS, "--out", tmp_path / "ann", "--approximate", "-q")[0] == 0
+    meta = json.loads((tmp_path / "ann" / "index.json").read_text())
+    assert meta["ann"]["library"] == "faiss" and (tmp_path / "ann" / "ann.faiss").is_file()
+    code, approximate, _ = run(capsys, "search", "--index", tmp_path / "ann", "-k", "4", "--json", *QUERIES)
+    code2, exact, _ = run(capsys, "search", "--index", tmp_path / "ann", "-k", "4", "--json", "--exact", *QUERIES)
+    assert code == code2 == 0
+    for a, e in zip(approximate.splitlines(), exact.splitlines()):
+        a, e = json.loads(a), json.loads(e)
+        assert [m["index"] for m in a["matches"]] == [m["index"] for m in e["matches"]]
+        np.testing.assert_allclose([m["score"] for m in a["matches"]], [m["score"] for m in e["matches"]], atol=1e-5)

@@ -6,10 +6,12 @@ An index is a folder::
     embeddings.npy   float32 (rows, dim), L2-normalized: the dot product is the cosine similarity
     texts.jsonl      one {"text", "id"?} per row; offsets.npy holds each line's byte offset (random access)
 
-Search is exact (every row scored, memory-mapped, a block at a time); ties rank the earlier row first,
-exactly as a stable sort over the whole corpus does, so an index gives the ranking `search --corpus`
-gives. A query encoded by another model than the index's is refused. Approximate (ANN) indexes are not
-implemented: exact search scans about 10^8 dimensions per second per core (see docs/reliability.md).
+Search is exact by default (every row scored, memory-mapped, a block at a time); ties rank the earlier
+row first, exactly as a stable sort over the whole corpus does, so an index gives the ranking `search
+--corpus` gives. ``index build --approximate`` also stores a faiss HNSW graph (``ann.faiss``, needs
+``pip install 'bertkit[ann]'``), which `search --index` then uses unless ``--exact``: for corpora past a
+few million rows; its recall against exact search is measured by benchmarks/index_recall.py. A query
+encoded by another model than the index's is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,35 @@ from .embed import add_model_arguments, load_encoder, positive_int
 
 INDEX_FORMAT, INDEX_VERSION = "bertkit-index", 1
 _BLOCK = 65536  # rows scored at a time: bounds memory on corpora of any size
+ANN_FILE, HNSW_M, HNSW_EF_CONSTRUCTION = "ann.faiss", 32, 200
+ANN_HINT = "pip install 'bertkit[ann]'"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise InputError(f"an approximate index needs faiss ({err.name} is not installed): {ANN_HINT}") from None
+    return faiss
+
+
+def build_hnsw(embeddings: np.ndarray, path: Path, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION):
+    """Writes a faiss HNSW (inner product) graph over L2-normalized rows, added a block at a time."""
+    faiss = _faiss()
+    index = faiss.IndexHNSWFlat(embeddings.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    for start in range(0, len(embeddings), _BLOCK):
+        index.add(np.ascontiguousarray(embeddings[start:start + _BLOCK], dtype=np.float32))
+    faiss.write_index(index, str(path))
+
+
+def search_hnsw(path: Path, queries: np.ndarray, k: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, scores) from a stored HNSW graph; efSearch trades speed for recall."""
+    faiss = _faiss()
+    index = faiss.read_index(str(path))
+    index.hnsw.efSearch = max(ef_search, k)
+    scores, indices = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+    return indices.astype(np.int64), scores
 
 
 # ---------------------------------------------------------------------------------------- model identity
@@ -63,6 +94,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", required=True, metavar="DIR", help="index folder (replaced if it holds an index)")
     build.add_argument("--column", metavar="NAME", help="JSON field or CSV/TSV column with the text (default: text)")
     build.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: 32")
+    build.add_argument("--approximate", action="store_true", help="also build a faiss HNSW graph for approximate "
+                       f"search (corpora past a few million rows; needs {ANN_HINT}); recall: benchmarks/index_recall.py")
     add_model_arguments(build)
 
 
@@ -73,6 +106,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} exists and is not an index folder; give a new or empty folder")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {str(out.parent)!r} does not exist; create it first")
+    if args.approximate:
+        _faiss()  # a missing extra is reported before any work
     total = count_texts(args.corpus, args.column)  # every input error before any model time
     if total == 0:
         raise InputError(f"{args.corpus} holds no texts to index")
@@ -106,9 +141,13 @@ def cmd_index(args: argparse.Namespace) -> int:
                 raise InputError(f"{args.corpus} changed while it was being read; run again on a file nobody is writing")
         with atomic_writer(tmp / "offsets.npy") as handle:
             np.save(handle, offsets)
+        if args.approximate:
+            build_hnsw(np.load(tmp / "embeddings.npy", mmap_mode="r"), tmp / ANN_FILE)
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "rows": total, "dim": encoder.dim,
                 "corpus": {"path": str(Path(args.corpus).resolve()), "column": args.column},
-                "model": _model_identity(args, encoder), "normalized": True, "metric": "cosine", "search": "exact"}
+                "model": _model_identity(args, encoder), "normalized": True, "metric": "cosine",
+                "search": "exact", **({"ann": {"library": "faiss", "file": ANN_FILE, "type": "HNSWFlat", "M": HNSW_M,
+                                              "efConstruction": HNSW_EF_CONSTRUCTION}} if args.approximate else {})}
         atomic_write_text(tmp / "index.json", json.dumps(meta, indent=2) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
@@ -154,6 +193,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: 32")
     parser.add_argument("--json", action="store_true", help="one JSON object per query on stdout: query, "
                         "matches [{rank, index, score, text, id?}]")
+    parser.add_argument("--exact", action="store_true", help="with an --index built --approximate: score every row "
+                        "anyway (exact, slower)")
+    parser.add_argument("--ef-search", type=positive_int, default=128, metavar="N", help="approximate search: "
+                        "candidates explored per query; more = better recall, slower (default: 128)")
     add_model_arguments(parser)
 
 
@@ -201,7 +244,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             def record(i: int) -> dict:
                 handle.seek(int(offsets[i]))
                 return json.loads(handle.readline())
-            return _print(args, encoder, docs, record)
+            ann = folder / meta["ann"]["file"] if meta.get("ann") and not args.exact else None
+            return _print(args, encoder, docs, record, ann)
+    if args.exact:
+        raise InputError("--exact applies to --index (a --corpus search is always exact)")
     corpus = list(read_records(args.corpus, args.column))
     if not corpus:
         raise InputError(f"{args.corpus} holds no texts to search")
@@ -213,13 +259,17 @@ def cmd_search(args: argparse.Namespace) -> int:
                                                                           if corpus[i][1] is not None else {})})
 
 
-def _print(args, encoder, docs, record) -> int:
+def _print(args, encoder, docs, record, ann: Path | None = None) -> int:
     queries = encoder.encode(args.queries, batch_size=args.batch_size, normalize_embeddings=True,
                              show_progress_bar=False)
-    indices, scores = top_k(docs, queries, args.top_k)
+    if ann is not None:
+        indices, scores = search_hnsw(ann, queries, args.top_k, args.ef_search)
+    else:
+        indices, scores = top_k(docs, queries, args.top_k)
     for query, row_i, row_s in zip(args.queries, indices, scores):
+        found = [(i, s) for i, s in zip(row_i, row_s) if i >= 0]  # faiss marks "fewer than k found" with -1
         matches = [{"rank": r, "index": int(i), "score": float(s), **record(int(i))}
-                   for r, (i, s) in enumerate(zip(row_i, row_s), start=1)]
+                   for r, (i, s) in enumerate(found, start=1)]
         if args.json:
             print(json.dumps({"query": query, "matches": matches}, ensure_ascii=False))
             continue
