@@ -41,22 +41,28 @@ def _ours(folder):
     return [name for name in os.listdir(folder) if not name.startswith("torchinductor")]
 
 
-def test_to_int8_leaves_no_temporary_file_on_success_or_failure(model_dir, temp_dir, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnxruntime-dynamic", "onnxruntime"])
+def test_to_int8_leaves_no_temporary_file_on_success_or_failure(backend, model_dir, temp_dir, monkeypatch):
     model = bertkit.BertModel.from_pretrained(model_dir)
     batches = list(int8.calibration_batches(bertkit.Tokenizer.from_pretrained(model_dir), ["a short text", "another"]))
-    quantized = int8.to_int8(model, batches)
+    quantized = int8.to_int8(model, batches, backend=backend)
     assert _ours(temp_dir) == []
     ids = torch.tensor([[101, 2023, 2003, 102]])
     # The session runs from memory once its file is gone.
     assert quantized(input_ids=ids).last_hidden_state.shape == (1, 4, TINY["hidden_size"])
 
-    def broken_session(path, config, threads=None):
-        assert os.path.isfile(path)  # the graph was written, then the session fails
-        raise RuntimeError("session failed")
+    from bertkit.quant import onnx_export
 
-    monkeypatch.setattr(int8, "OnnxRuntimeModel", broken_session)
-    with pytest.raises(RuntimeError, match="session failed"):
-        int8.to_int8(model, batches)
+    real_export = onnx_export.export_onnx
+
+    def export_then_fail(module, path, **kwargs):
+        real_export(module, path, **kwargs)
+        assert os.path.isfile(path)  # the graph was written, then something fails
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        int8.to_int8(model, batches, backend=backend)
     assert _ours(temp_dir) == []
 
 

@@ -1,19 +1,24 @@
 """Real int8 inference on CPU: a copy of a float model that runs int8 matrix multiplies.
 
-Two backends, measured in ``benchmarks/quant_int8.py`` (results in docs/benchmarks.md; on the shared
-2-core AVX2 test machine neither beat float32 by more than the noise for all-MiniLM-L6-v2; CPUs with
-VNNI/AMX int8 instructions were not measured):
+Three backends (measured in ``benchmarks/cpu_engines.py`` and ``benchmarks/quant_int8.py``; docs/benchmarks.md):
 
-* ``"onnxruntime"``: the model is quantized with bertkit's own QDQ placement (Linear inputs and
-  weights only; the attention-matmul and residual-add Q/DQ pairs have no int8 kernel on CPU and only
-  cost time), calibrated, exported with :func:`~bertkit.quant.export_onnx`, and run by onnxruntime,
-  whose graph optimizer fuses each ``DQ -> MatMul`` into an int8 kernel. The default: as fast as the
-  torch backend or faster, more robust to inputs unlike the calibration data, and not built on
-  ``torch.ao.quantization``, which torch 2.13 marks deprecated.
+* ``"onnxruntime-dynamic"`` (the default): per-token dynamic activation scales and per-channel int8 weights
+  (:mod:`bertkit.quant.per_token`) on the float export, run by onnxruntime's u8s8 kernels (VNNI, AVX2 or
+  AMX, whichever the CPU has). Each token is quantized over its own range, so no batch statistic and no
+  calibrated activation range is involved: on all-MiniLM-L6-v2 the minimum cosine to fp32 is >= 0.995 on
+  short, long, mixed and real text, where per-tensor int8 (the backends below, sentence-transformers'
+  qint8 ONNX) stays at 0.95-0.99. The MLP down-projection's input (after GELU, >= -0.17) is quantized
+  unsigned, with twice the resolution.
+* ``"onnxruntime"``: static per-tensor QDQ: the model is quantized with bertkit's own QDQ placement (Linear
+  inputs and weights only; the attention-matmul and residual-add Q/DQ pairs have no int8 kernel on CPU
+  and only cost time), calibrated, exported with :func:`~bertkit.quant.export_onnx`, and run by
+  onnxruntime, whose graph optimizer fuses each ``DQ -> MatMul`` into an int8 kernel. About 10% faster
+  than the dynamic backend, less accurate on inputs unlike the calibration data.
 * ``"torch"``: ``torch.ao.quantization.quantize_dynamic`` with per-channel weights; activations are
-  quantized per batch at run time (fbgemm uses 7 bits for them, ``reduce_range=True``).
+  quantized per batch at run time (fbgemm uses 7 bits for them, ``reduce_range=True``). torch 2.13 marks
+  ``torch.ao.quantization`` deprecated.
 
-Both apply SmoothQuant-style smoothing first (Xiao et al. 2023): BERT activations carry a few outlier
+All apply SmoothQuant-style smoothing first (Xiao et al. 2023): BERT activations carry a few outlier
 channels (on all-MiniLM-L6-v2, per-tensor amax up to 30 at the MLP inputs), which costs per-tensor
 int8 activations most of their resolution. With calibration statistics ``a_j = max|X_j|`` and ``w_j = max|W[:, j]|`` each Linear
 computes ``(X / s) @ (W * s)^T`` with ``s_j = a_j**alpha / w_j**(1 - alpha)`` -- the same product in
@@ -37,9 +42,12 @@ from ..outputs import BaseModelOutput
 from .transform import QuantConfig, calibrate, quantize
 
 INSTALL_HINT = "pip install 'bertkit[int8]'"
-BACKENDS = ("onnxruntime", "torch")
-DEFAULT_BACKEND = "onnxruntime"
-DEFAULT_ALPHA = 0.85  # on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much
+BACKENDS = ("onnxruntime-dynamic", "onnxruntime", "torch")
+DEFAULT_BACKEND = "onnxruntime-dynamic"
+DEFAULT_ALPHA = 0.85  # per-tensor activations, on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much
+# Per-token activations already absorb outlier tokens; on all-MiniLM-L6-v2 alpha 0.5 gave the best minimum cosine
+# (0.3: 0.987, 0.4: 0.993, 0.5: 0.995, 0.6: 0.979 on mixed-length random-word texts).
+DYNAMIC_ALPHA = 0.5
 
 
 class MissingExtraError(ImportError, ValueError):
@@ -135,13 +143,14 @@ class OnnxRuntimeModel(nn.Module):
     asking ``next(model.parameters()).device`` (SentenceEncoder does) gets the CPU.
     """
 
-    def __init__(self, path: str, config, threads: int | None = None):
+    def __init__(self, path: str | bytes, config, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # path: a file name, or the serialized graph (bytes).
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
@@ -161,15 +170,17 @@ class OnnxRuntimeModel(nn.Module):
 
 
 def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]], backend: str = DEFAULT_BACKEND,
-            alpha: float = DEFAULT_ALPHA, calib_method: str = "max", path: str | None = None) -> nn.Module:
+            alpha: float | None = None, calib_method: str = "max", path: str | None = None) -> nn.Module:
     """An int8 copy of a float ``BertModel`` with the same ``forward`` inputs and outputs.
 
     Args:
         model: A float32 ``bertkit.BertModel`` (left unchanged).
         calibration: Batches (dicts with input_ids / attention_mask / token_type_ids) of representative
-            inputs; see :func:`calibration_batches`. Iterated twice (smoothing, then calibration).
-        backend: "onnxruntime" (default, fastest measured) or "torch".
-        alpha: SmoothQuant migration strength (0 disables smoothing).
+            inputs; see :func:`calibration_batches`. Iterated for smoothing, then (static backend) calibration.
+        backend: "onnxruntime-dynamic" (default: per-token activation scales, see
+            :mod:`bertkit.quant.per_token`), "onnxruntime" (static per-tensor QDQ) or "torch".
+        alpha: SmoothQuant migration strength (0 disables smoothing; default DYNAMIC_ALPHA for the dynamic
+            backend, DEFAULT_ALPHA for the others).
         calib_method: Activation calibration of the onnxruntime backend ("max", "percentile", ...).
         path: Where the onnxruntime backend writes its ``.onnx`` to keep (default: a temporary file, deleted
             once the session is loaded).
@@ -182,14 +193,18 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
     if not isinstance(model, BertModel):
         raise ValueError(f"to_int8 takes a bertkit.BertModel (e.g. SentenceEncoder.model), got "
                          f"{type(model).__name__}; for task models use quantize() + export_onnx()")
-    if backend == "onnxruntime":
-        require_onnx("int8 inference (backend 'onnxruntime')")
+    if backend != "torch":
+        require_onnx(f"int8 inference (backend {backend!r})")
+    if alpha is None:
+        alpha = DYNAMIC_ALPHA if backend == "onnxruntime-dynamic" else DEFAULT_ALPHA
     calibration = list(calibration)
     work = copy.deepcopy(model).float().eval()
     if alpha > 0:
         smooth(work, input_channel_amax(work, calibration), alpha)
     if backend == "torch":
         return quantize_dynamic_int8(work, smoothed=True)
+    if backend == "onnxruntime-dynamic":
+        return _per_token_session(work, model.config, path)
     quantize(work, QuantConfig(matmul_inputs=False, residual_adds=False, heads=False, calib_method=calib_method))
     with calibrate(work):
         for batch in calibration:
@@ -205,6 +220,49 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
         path = os.path.join(folder, "model.onnx")
         export_onnx(work, path)
         return OnnxRuntimeModel(path, model.config).eval()
+
+
+# The smallest value of each activation (GELU(x) = x * Phi(x) >= -0.16997 at x = -0.75; the tanh form alike),
+# rounded down: the MLP down-projection's input is then quantized unsigned, with twice the resolution.
+ACTIVATION_MIN = {"gelu": -0.1701, "gelu_new": -0.1701, "gelu_pytorch_tanh": -0.1701, "gelu_fast": -0.1701,
+                  "relu": 0.0}
+
+
+def _activation_bounds(work: nn.Module, config) -> dict[str, torch.Tensor]:
+    """{module name: lower bound of its input} for the MLP down-projections."""
+    low = ACTIVATION_MIN.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    if low is None:
+        return {}
+    bounds = {}
+    for name, module in work.named_modules():
+        # BERT's MLP down-projection is "<layer>.output.dense" (the attention's is "<layer>.attention.output.dense")
+        if name.endswith(".output.dense") and ".attention." not in name:
+            scale = module.inv_scale if isinstance(module, PreScaled) else torch.ones(())
+            bounds[name] = (low * scale).float().numpy()
+    return bounds
+
+
+def _module_name(node_name: str) -> str:
+    # The exporter names nodes by module scope: "/model/encoder/layer.0/output/dense/linear/MatMul".
+    parts = node_name.strip("/").split("/")[1:-1]  # without the export wrapper's "model" and the op
+    return ".".join(parts[:-1] if parts and parts[-1] == "linear" else parts)
+
+
+def _per_token_session(work: nn.Module, config, path: str | None) -> OnnxRuntimeModel:
+    import onnx
+
+    from .onnx_export import export_onnx
+    from .per_token import per_token_int8
+
+    with tempfile.TemporaryDirectory(prefix="bertkit-int8-") as folder:  # gone on success and on failure
+        export_onnx(work, os.path.join(folder, "float.onnx"))
+        graph = onnx.load(os.path.join(folder, "float.onnx"))
+    bounds = _activation_bounds(work, config)
+    if not per_token_int8(graph, lambda node_name: bounds.get(_module_name(node_name))):
+        raise RuntimeError("the exported graph has no MatMul by a constant weight to quantize")
+    if path is not None:
+        onnx.save(graph, path)
+    return OnnxRuntimeModel(graph.SerializeToString(), config).eval()
 
 
 def quantize_dynamic_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
