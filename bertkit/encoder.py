@@ -100,6 +100,18 @@ def _lowercases(normalizer: dict | None) -> bool:
     return normalizer.get("type") == "Lowercase" or bool(normalizer.get("lowercase"))
 
 
+def _check_native_bf16() -> None:
+    # bfloat16 is 1.1-2x faster than float32 where the CPU multiplies it natively (docs/benchmarks.md) and
+    # slower where PyTorch emulates it: say so rather than let the user find out.
+    from .cpu import native_bf16
+
+    if not native_bf16():
+        import warnings
+
+        warnings.warn("bfloat16 on this CPU is emulated (it has neither AVX512-BF16 nor AMX-BF16): slower than "
+                      "float32; leave dtype unset to run in float32", stacklevel=3)
+
+
 def _refuse_fake_quantized(folder: Path) -> None:
     # A folder written by `bertkit quantize` holds QDQ fake-quantization amax values for export (config.json
     # has "quantization_config"); loading it as a float model would silently ignore them.
@@ -223,6 +235,8 @@ class SentenceEncoder:
         # Sentence checkpoints carry BERT's pooler, which sentence embeddings never use: expected, not reported.
         model = BertModel.from_pretrained(meta["transformer_dir"], dtype=dtype, device=device,
                                           add_pooling_layer=False, ignore_unexpected=("pooler.*",))
+        if torch.device(device).type == "cpu" and next(model.parameters()).dtype == torch.bfloat16:
+            _check_native_bf16()
         tokenizer = Tokenizer.from_pretrained(meta["transformer_dir"])
         if meta["do_lower_case"]:
             # Same as sentence-transformers: a Lowercase step in front, unless the tokenizer already lowercases.

