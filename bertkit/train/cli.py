@@ -223,7 +223,7 @@ def _check_pretrain_config(preset: str | None, overrides: dict[str, Any]) -> Non
         near = difflib.get_close_matches(preset, list(PRESETS), n=3)
         raise ValueError(f"--preset {preset!r} is not a preset; {'did you mean ' + ' or '.join(near) + '? ' if near else ''}"
                          f"choose one of {', '.join(PRESETS)}")
-    fields = [f.name for f in dataclasses.fields(BertConfig)]
+    fields = [f.name for f in dataclasses.fields(BertConfig) if f.name != "extra"]  # extra: unknown keys of files
     for key in overrides:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=3)
