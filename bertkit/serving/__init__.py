@@ -2,9 +2,9 @@
 limits and Prometheus metrics (needs ``pip install 'bertkit[serve]'``); Ray Serve / Ray Data glue in
 :mod:`bertkit.serving.ray`. See docs/serving.md.
 
-Layout: ``config`` (limits), ``batcher`` (one runner thread per model), ``backends`` (a model folder as
-tokenize + forward), ``schemas`` (request bodies), ``app`` (routes, state), ``metrics``, ``cli`` (flags,
-uvicorn, SIGTERM), ``ray``.
+Layout: ``config`` (limits), ``batcher`` (one runner thread per model), ``backends``/``tasks`` (a model
+as tokenize + forward), ``loading`` (--model -> model), ``schemas``, ``app`` (routes, state), ``metrics``,
+``cli`` (flags, uvicorn, SIGTERM), ``ray``.
 """
 
 from .config import ServeConfig

@@ -30,7 +30,8 @@ from starlette.routing import Route
 
 from .. import __version__
 from . import schemas
-from .backends import InputTooLong, ServedModel, load_model
+from .backends import InputTooLong, ServedModel
+from .loading import load_model
 from .batcher import BatchError, Job, Runner
 from .config import ServeConfig
 from .metrics import Metrics

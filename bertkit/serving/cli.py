@@ -118,7 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InputError(f"bertkit serve needs the `serve` extra ({err.name} is not installed): {EXTRA_HINT}")
     from .app import ServerState, create_app
     from .config import ServeConfig
-    from .backends import parse_model_spec
+    from .loading import parse_model_spec
 
     specs = args.model or [None]
     names = set()
