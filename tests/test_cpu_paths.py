@@ -60,3 +60,19 @@ def test_emulated_bfloat16_warns(monkeypatch):
     monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: False)
     with pytest.warns(UserWarning, match="emulated.*AVX512-BF16.*float32"):
         bertkit.SentenceEncoder.from_pretrained(device="cpu", dtype="bfloat16")
+
+
+def test_equal_length_batch_attends_without_the_pad_round_trip(float_encoder, monkeypatch):
+    # Long texts truncated alike make batches with no padding: attention runs on views of the packed rows.
+    st = pytest.importorskip("sentence_transformers")
+    from bertkit.encoder import bundled_model_dir
+    from bertkit.nn import padding
+
+    texts = [" ".join(["word"] * 300), " ".join(["other text"] * 200), "x " * 400]  # all cut at 256 tokens
+    want = st.SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts)
+    # A mixed batch still re-pads (the path tested in test_unpad.py); an equal-length one must not.
+    monkeypatch.setattr(padding, "pad", lambda *a, **k: pytest.fail("pad() called on a batch without padding"))
+    got = float_encoder.encode(texts)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    padded = bertkit.SentenceEncoder.from_pretrained(device="cpu", unpad=False).encode(texts)
+    np.testing.assert_allclose(got, padded, atol=1e-6, rtol=0)
