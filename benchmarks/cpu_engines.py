@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHORS = ["sentence-transformers[onnx]", "ctranslate2", "fastembed"]
+# The anchors' versions as measured (docs/benchmarks.md); optimum-onnx holds transformers below 4.58, hence
+# sentence-transformers 5.x here while the project's tests use 6.x.
+ANCHORS = ["sentence-transformers[onnx]==5.7.0", "optimum==2.1.0", "optimum-onnx==0.1.0", "transformers==4.57.6",
+           "ctranslate2==4.8.5", "fastembed==0.9.1", "onnx==1.23.2", "onnxruntime==1.32.0"]
 BUCKETS = {"short": (3, 30), "medium": (30, 100), "long": (300, 400), "mixed": (5, 250)}
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -201,7 +204,7 @@ def ensure_venv(venv: Path) -> Path:
         import torch
 
         # The same torch as the project, so both sides run the same kernels.
-        pins = [f"torch=={torch.__version__.split('+')[0]}", *ANCHORS, "onnx", "psutil"]
+        pins = [f"torch=={torch.__version__.split('+')[0]}", *ANCHORS]
         subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
         stamp.touch()
     return python
