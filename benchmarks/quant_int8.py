@@ -104,8 +104,9 @@ def main() -> None:
         candidates = {
             "torch fp32": model,
             "onnxruntime fp32": OnnxRuntimeModel(os.path.join(tmp, "fp32.onnx"), model.config, threads),
-            "onnxruntime int8 (to_int8)": to_int8(model, calib, backend="onnxruntime",
-                                                  path=os.path.join(tmp, "int8.onnx")),
+            "onnxruntime int8 per-token (to_int8, the default)": to_int8(model, calib),
+            "onnxruntime int8 static QDQ (backend='onnxruntime')": to_int8(model, calib, backend="onnxruntime",
+                                                                          path=os.path.join(tmp, "int8.onnx")),
             "torch dynamic int8 + smoothing": to_int8(model, calib, backend="torch"),
             "torch dynamic int8, no smoothing": quantize_dynamic_int8(model),
             "fake quant, full QDQ placement": fake,
