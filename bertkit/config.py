@@ -243,6 +243,32 @@ class BertConfig:
         return BertConfig.from_dict(self.to_dict(), **changes)
 
 
+def unknown_field_message(key: str, what: str = "BertConfig") -> str:
+    """``"BertConfig has no field 'hidden_sise'; did you mean hidden_size?"``, shared by the CLI's --config."""
+    import difflib
+
+    fields = [f.name for f in dataclasses.fields(BertConfig) if f.name != "extra"]  # extra: unknown keys of files
+    near = difflib.get_close_matches(key, fields, n=3)
+    return (f"{what} has no field {key!r}"
+            + (f"; did you mean {' or '.join(near)}?" if near else f"; fields: {', '.join(fields)}"))
+
+
+def _checked_init(init):
+    # The dataclass __init__ would say only "got an unexpected keyword argument"; name the nearest fields.
+    def __init__(self, *args, **kwargs):
+        for key in kwargs:
+            if key not in _INIT_FIELDS:
+                raise TypeError(unknown_field_message(key))
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    return __init__
+
+
+_INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(BertConfig))
+BertConfig.__init__ = _checked_init(BertConfig.__init__)
+
+
 def _from_blip_text(data: dict[str, Any]) -> dict[str, Any]:
     # HF's BlipTextConfig says `is_decoder` where it means "has cross-attention" (causality is chosen at call
     # time: BlipTextModel defaults to bidirectional, BlipTextLMHeadModel to causal), names the image width

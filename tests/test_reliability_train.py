@@ -95,3 +95,12 @@ def test_warnings_come_from_rank_0_only(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     _hparams(args)
     assert not logging.getLogger("bertkit.pretrained").isEnabledFor(logging.WARNING)
+
+
+def test_config_typo_in_python_names_the_key_and_the_nearest_fields():
+    # The dataclass __init__ alone would say only "unexpected keyword argument 'hidden_sise'".
+    from bertkit import BertConfig
+
+    with pytest.raises(TypeError, match=r"BertConfig has no field 'hidden_sise'; did you mean hidden_size"):
+        BertConfig(hidden_sise=3)
+    assert BertConfig(hidden_size=12, num_attention_heads=3).hidden_size == 12  # valid keys still work

@@ -217,7 +217,7 @@ def _check_pretrain_config(preset: str | None, overrides: dict[str, Any]) -> Non
     import dataclasses
     import difflib
 
-    from ..config import PRESETS, BertConfig
+    from ..config import PRESETS, BertConfig, unknown_field_message
 
     if preset is not None and preset not in PRESETS:
         near = difflib.get_close_matches(preset, list(PRESETS), n=3)
@@ -226,9 +226,7 @@ def _check_pretrain_config(preset: str | None, overrides: dict[str, Any]) -> Non
     fields = [f.name for f in dataclasses.fields(BertConfig) if f.name != "extra"]  # extra: unknown keys of files
     for key in overrides:
         if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=3)
-            raise ValueError(f"--config {key}=...: BertConfig has no field {key!r}"
-                             + (f"; did you mean {' or '.join(near)}?" if near else f"; fields: {', '.join(fields)}"))
+            raise ValueError(f"--config {key}=...: {unknown_field_message(key)}")
 
 
 def _print_summary(command: str, out: str, summary: dict[str, Any]) -> None:
