@@ -358,8 +358,11 @@ class SentenceEncoder:
                 input_ids[r, :lengths[i]] = ids[i]
                 mask[r, :lengths[i]] = 1
             input_ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
-            hidden = self.model(input_ids=input_ids, attention_mask=mask,
-                                token_type_ids=torch.zeros_like(input_ids), **extra).last_hidden_state
+            # A batch without padding (one text, or texts of one length) has nothing to unpad: the padded path
+            # is the same computation without the index round trip (8% of a batch-1 call on CPU).
+            padded = int(lengths[rows[-1]]) < width
+            hidden = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
+                                **(extra if padded else {})).last_hidden_state
             out[torch.from_numpy(rows)] = self._pool(hidden, mask, normalize).cpu()
             if bar is not None:
                 bar.update(len(rows))

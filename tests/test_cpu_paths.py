@@ -62,17 +62,23 @@ def test_emulated_bfloat16_warns(monkeypatch):
         bertkit.SentenceEncoder.from_pretrained(device="cpu", dtype="bfloat16")
 
 
-def test_equal_length_batch_attends_without_the_pad_round_trip(float_encoder, monkeypatch):
-    # Long texts truncated alike make batches with no padding: attention runs on views of the packed rows.
+def test_batches_without_padding_skip_the_pad_round_trip(float_encoder, monkeypatch):
+    # Long texts truncated alike (or one text) make batches with no padding: a packed call on such a batch
+    # attends on views of the packed rows (no pad()), and SentenceEncoder does not pack them at all.
     st = pytest.importorskip("sentence_transformers")
     from bertkit.encoder import bundled_model_dir
     from bertkit.nn import padding
 
-    texts = [" ".join(["word"] * 300), " ".join(["other text"] * 200), "x " * 400]  # all cut at 256 tokens
-    want = st.SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts)
-    # A mixed batch still re-pads (the path tested in test_unpad.py); an equal-length one must not.
     monkeypatch.setattr(padding, "pad", lambda *a, **k: pytest.fail("pad() called on a batch without padding"))
-    got = float_encoder.encode(texts)
+    ids = torch.randint(1000, 2000, (3, 40))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        packed = float_encoder.model(input_ids=ids, attention_mask=mask, unpad=True).last_hidden_state
+        plain = float_encoder.model(input_ids=ids, attention_mask=mask, unpad=False).last_hidden_state
+    torch.testing.assert_close(packed, plain, atol=1e-6, rtol=0)
+
+    texts = [" ".join(["word"] * 300), " ".join(["other text"] * 200), "x " * 400]  # all cut at 256 tokens
+    want = st.SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(texts + ["one short text"])
+    monkeypatch.setattr(padding.PackedBatch, "from_mask", lambda *a, **k: pytest.fail("packed a batch without padding"))
+    got = np.concatenate([float_encoder.encode(texts), float_encoder.encode(["one short text"])])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    padded = bertkit.SentenceEncoder.from_pretrained(device="cpu", unpad=False).encode(texts)
-    np.testing.assert_allclose(got, padded, atol=1e-6, rtol=0)
