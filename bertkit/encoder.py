@@ -349,7 +349,9 @@ class SentenceEncoder:
         order = np.argsort(-lengths, kind="stable")
         pad_id = self.tokenizer.pad_token_id
         device = self.device
-        extra = {"unpad": True} if self.unpad and isinstance(self.model, BertModel) else {}
+        # torch.compile wraps the model (OptimizedModule, ._orig_mod): still a BertModel that takes unpad.
+        base = getattr(self.model, "_orig_mod", self.model)
+        extra = {"unpad": True} if self.unpad and isinstance(base, BertModel) else {}
         for rows in self._batches(order, lengths, batch_size):
             width = int(lengths[rows[0]])  # longest first, so the first row sets the padded width
             input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)

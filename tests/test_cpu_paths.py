@@ -82,3 +82,23 @@ def test_batches_without_padding_skip_the_pad_round_trip(float_encoder, monkeypa
     monkeypatch.setattr(padding.PackedBatch, "from_mask", lambda *a, **k: pytest.fail("packed a batch without padding"))
     got = np.concatenate([float_encoder.encode(texts), float_encoder.encode(["one short text"])])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_keeps_padding_free_execution(float_encoder, monkeypatch):
+    from bertkit.nn import padding
+
+    packed_calls = []
+    real = padding.PackedBatch.from_mask.__func__
+
+    def from_mask(cls, *args, **kwargs):
+        packed_calls.append(1)
+        return real(cls, *args, **kwargs)
+
+    from_mask.__qualname__ = "PackedBatch.from_mask"  # dynamo looks the method up by name
+    monkeypatch.setattr(padding.PackedBatch, "from_mask", classmethod(from_mask))
+    compiled = bertkit.SentenceEncoder.from_pretrained(device="cpu")
+    compiled.model = torch.compile(compiled.model, backend="eager", dynamic=True)  # what compile=True does
+    texts = ["a short one", "a somewhat longer text than the first one, with padding after the short one"]
+    got = compiled.encode(texts)
+    assert packed_calls, "torch.compile switched padding-free execution off"
+    np.testing.assert_allclose(got, float_encoder.encode(texts), atol=1e-5, rtol=0)
