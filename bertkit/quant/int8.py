@@ -44,7 +44,8 @@ from .transform import QuantConfig, calibrate, quantize
 INSTALL_HINT = "pip install 'bertkit[int8]'"
 BACKENDS = ("onnxruntime-dynamic", "onnxruntime", "torch")
 DEFAULT_BACKEND = "onnxruntime-dynamic"
-DEFAULT_ALPHA = 0.85  # per-tensor activations, on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much
+# Per-tensor activations, on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much.
+DEFAULT_ALPHA = 0.85
 # Per-token activations already absorb outlier tokens; on all-MiniLM-L6-v2 alpha 0.5 gave the best minimum cosine
 # (0.3: 0.987, 0.4: 0.993, 0.5: 0.995, 0.6: 0.979 on mixed-length random-word texts).
 DYNAMIC_ALPHA = 0.5
@@ -58,7 +59,8 @@ class MissingExtraError(ImportError, ValueError):
 def require_onnx(what: str, runtime: bool = True) -> None:
     """Raises :class:`MissingExtraError` naming ``what`` and the install command unless ``onnx`` (and, with
     ``runtime``, ``onnxruntime``) can be imported. Call it before loading a model, so the user learns it first."""
-    missing = [name for name in ("onnx", "onnxruntime")[: 2 if runtime else 1] if importlib.util.find_spec(name) is None]
+    needed = ("onnx", "onnxruntime") if runtime else ("onnx",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingExtraError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                                 f"not installed; run `{INSTALL_HINT}`")
