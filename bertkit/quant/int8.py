@@ -5,8 +5,8 @@ Three backends (measured in ``benchmarks/cpu_engines.py`` and ``benchmarks/quant
 * ``"onnxruntime-dynamic"`` (the default): per-token dynamic activation scales and per-channel int8 weights
   (:mod:`bertkit.quant.per_token`) on the float export, run by onnxruntime's u8s8 kernels (VNNI, AVX2 or
   AMX, whichever the CPU has). Each token is quantized over its own range, so no batch statistic and no
-  calibrated activation range is involved: on all-MiniLM-L6-v2 the minimum cosine to fp32 is >= 0.995 on
-  short, long, mixed and real text, where per-tensor int8 (the backends below, sentence-transformers'
+  calibrated activation range is involved: on all-MiniLM-L6-v2 the minimum cosine to fp32 is 0.995-0.998
+  on short, medium, long, mixed and real text, where per-tensor int8 (the backends below, sentence-transformers'
   qint8 ONNX) stays at 0.95-0.99. The MLP down-projection's input (after GELU, >= -0.17) is quantized
   unsigned, with twice the resolution.
 * ``"onnxruntime"``: static per-tensor QDQ: the model is quantized with bertkit's own QDQ placement (Linear
