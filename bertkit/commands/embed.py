@@ -23,6 +23,7 @@ import numpy as np
 
 from ..checkpoints.io import _fsync_dir, atomic_write_text, atomic_writer, writable_folder
 from ..io_readers import STDIN, InputError, count_texts, read_records
+from . import positive_int
 
 OUTPUT_FORMATS = (".npy", ".jsonl")
 CHUNK_SIZE = 2048  # texts read, sorted and embedded together: bounds memory, and the unit of --resume
@@ -41,16 +42,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line on stderr")
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _shard(value: str) -> tuple[int, int]:

@@ -15,20 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..commands import positive_int
+
 CHUNK = 256  # inputs read, sorted by length and predicted together
 TASK_CHOICES = ("text-classification", "token-classification", "ner", "question-answering", "fill-mask",
                 "feature-extraction", "sentence-embedding")
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _model_dir(path: str) -> Path:
@@ -53,12 +45,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         "when complete); default: stdout")
     parser.add_argument("--column", metavar="NAME", help="JSON field or CSV column with the text (default: text)")
     parser.add_argument("--task", choices=TASK_CHOICES, help="default: from the folder's config.json architectures")
-    parser.add_argument("--top-k", type=_positive_int, metavar="N", help="labels (classification), predictions "
+    parser.add_argument("--top-k", type=positive_int, metavar="N", help="labels (classification), predictions "
                         "(fill-mask) or answers (question-answering) per input")
     parser.add_argument("--aggregation", choices=AGGREGATIONS, default=None,
                         help="token-classification: how tokens are grouped into entities (default: simple)")
     parser.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: only score these tokens")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="inputs per forward "
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="inputs per forward "
                         "pass (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
 
@@ -185,9 +177,9 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", "-q", required=True, help="the query the documents are ranked for")
     parser.add_argument("--corpus", "-c", metavar="FILE", help=".txt (one document per line), .jsonl or .csv")
     parser.add_argument("--column", metavar="NAME", help="JSON field or CSV column with the text (default: text)")
-    parser.add_argument("--top-k", "-k", type=_positive_int, metavar="N", help="print the N best (default: all)")
+    parser.add_argument("--top-k", "-k", type=positive_int, metavar="N", help="print the N best (default: all)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line: corpus_id, score, text")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="pairs per forward "
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="pairs per forward "
                         "pass (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
 

@@ -14,19 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
+from ..commands import positive_int
 from ..io_readers import InputError
 
 EXTRA_HINT = "pip install 'bertkit[serve]'"
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _positive_float(value: str) -> float:
@@ -53,18 +44,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weight dtype (default: float32)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="torch threads for inference (default: torch's choice, one per core)")
-    parser.add_argument("--max-batch-tokens", type=_positive_int, default=d.max_batch_tokens, metavar="N",
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=d.max_batch_tokens, metavar="N",
                         help=f"token budget of one batch, rows x longest row (default: {d.max_batch_tokens})")
-    parser.add_argument("--max-batch-requests", type=_positive_int, default=d.max_batch_requests, metavar="N",
+    parser.add_argument("--max-batch-requests", type=positive_int, default=d.max_batch_requests, metavar="N",
                         help=f"texts per batch at most (default: {d.max_batch_requests})")
-    parser.add_argument("--max-concurrent-requests", type=_positive_int, default=d.max_concurrent_requests,
+    parser.add_argument("--max-concurrent-requests", type=positive_int, default=d.max_concurrent_requests,
                         metavar="N", help="requests in flight before new ones get 429 "
                                           f"(default: {d.max_concurrent_requests})")
-    parser.add_argument("--max-client-batch-size", type=_positive_int, default=d.max_client_batch_size,
+    parser.add_argument("--max-client-batch-size", type=positive_int, default=d.max_client_batch_size,
                         metavar="N", help=f"inputs per request, else 413 (default: {d.max_client_batch_size})")
-    parser.add_argument("--payload-limit", type=_positive_int, default=d.payload_limit, metavar="BYTES",
+    parser.add_argument("--payload-limit", type=positive_int, default=d.payload_limit, metavar="BYTES",
                         help=f"request body size, else 413 (default: {d.payload_limit})")
     parser.add_argument("--auto-truncate", action="store_true",
                         help="truncate inputs longer than the model's limit (default: refuse them with 413)")
@@ -72,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds from arrival to answer, else 504 (default: {d.request_timeout:g})")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route "
                         "but /health (default: none; also read from $BERTKIT_API_KEY)")
-    parser.add_argument("--tokenization-workers", type=_positive_int, default=d.tokenization_workers,
+    parser.add_argument("--tokenization-workers", type=positive_int, default=d.tokenization_workers,
                         metavar="N", help=f"threads that tokenize requests (default: {d.tokenization_workers})")
     parser.add_argument("--drain-seconds", type=float, default=d.drain_seconds, metavar="S",
                         help="on SIGTERM, answer /health with 503 this long before closing the port "
