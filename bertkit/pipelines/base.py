@@ -66,6 +66,16 @@ def check_top_k(top_k, name: str = "top_k", allow_none: bool = True) -> None:
         raise PipelineError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {top_k!r}")
 
 
+def string_inputs(inputs, task: str) -> tuple[bool, list[str]]:
+    """``(single, texts)`` for a string or a sequence of strings; anything else names its position."""
+    single = isinstance(inputs, str)
+    texts = [inputs] if single else list(inputs)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise PipelineError(f"input {bad} is {type(texts[bad]).__name__}; {task} takes strings")
+    return single, texts
+
+
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PipelineError(f"batch_size must be a positive integer, got {batch_size!r}")

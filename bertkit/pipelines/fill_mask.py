@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import PipelineError, Row, check_batch_size, check_top_k, encode, run_sorted
+from .base import PipelineError, Row, check_batch_size, check_top_k, encode, run_sorted, string_inputs
 
 
 class FillMaskPipeline:
@@ -77,11 +77,7 @@ class FillMaskPipeline:
         target_ids = self.target_ids(targets) if targets is not None else None
         if target_ids is not None:
             top_k = min(top_k, len(target_ids))
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else list(inputs)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise PipelineError(f"input {bad} is {type(texts[bad]).__name__}; fill-mask takes strings")
+        single, texts = string_inputs(inputs, "fill-mask")
         batch_size = batch_size or self.batch_size
         check_batch_size(batch_size)
         encodings = encode(self.tokenizer, texts, max_length=self.max_length)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import PipelineError, Row, check_batch_size, encode, run_sorted
+from .base import PipelineError, Row, check_batch_size, encode, run_sorted, string_inputs
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
 
@@ -62,11 +62,7 @@ class TokenClassificationPipeline:
         strategy = self._strategy(aggregation_strategy) if aggregation_strategy is not None \
             else self.aggregation_strategy
         ignore = self.ignore_labels if ignore_labels is None else list(ignore_labels)
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else list(inputs)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise PipelineError(f"input {bad} is {type(texts[bad]).__name__}; token-classification takes strings")
+        single, texts = string_inputs(inputs, "token-classification")
         batch_size = batch_size or self.batch_size
         check_batch_size(batch_size)
         encodings = encode(self.tokenizer, texts, max_length=self.max_length, offsets=True)
