@@ -215,6 +215,13 @@ def test_fill_mask_matches_transformers(folders, kwargs):
     assert_same(ours(MASKED[1:2], **kwargs), theirs(MASKED[1:2], **kwargs))  # two masks: a list per mask
 
 
+@pytest.mark.parametrize("task,folder", [("fill-mask", "mlm"), ("ner", "tok")])
+def test_non_string_input_is_named_by_its_position(folders, task, folder):
+    pipe = bertkit.pipeline(task, folders / folder)
+    with pytest.raises(bertkit.pipelines.PipelineError, match=rf"input 1 is int; {pipe.task} takes strings"):
+        pipe(["Paris is the [MASK] of France.", 3])
+
+
 # ------------------------------------------------------------------------------------ feature extraction
 def test_sentence_embedding_is_the_sentence_encoder():
     pipe = bertkit.pipeline("sentence-embedding")  # the bundled all-MiniLM-L6-v2
