@@ -150,16 +150,16 @@ def worker_main(args) -> None:
         encode(texts, 32)  # so peak RSS includes a real batch
         return
     engines, skipped = {}, {}
-    for name in ENGINES:
+    for name in args.engines:
         try:
             engines[name] = load_engine(name, cache, args.threads)
         except RuntimeError as err:
             skipped[name] = str(err)
     results = {"skipped": skipped, "throughput": {}, "accuracy": {}, "latency": {}}
     vocab = cache / "model" / "vocab.txt"
-    for bucket in BUCKETS:
+    for bucket in args.buckets:
         texts = make_texts(vocab, args.n, bucket, 0)
-        for bs in (32, 128):
+        for bs in args.batch_sizes:
             times = {name: [] for name in engines}
             for r in range(args.rounds):
                 names = list(engines)
@@ -250,7 +250,7 @@ def cold_start(python: Path, engine: str, args) -> tuple[float, float] | str:
 
 def report(results: dict, args) -> None:
     flags = isa_line()
-    names = [n for n in ENGINES if n not in results["skipped"]]
+    names = [n for n in args.engines if n not in results["skipped"]]
     print(f"\n## Throughput, texts/s (x = ratio to st_torch, median over {args.rounds} interleaved rounds), "
           f"{args.n} texts per bucket, {args.threads} threads\n{flags}\n")
     print("| bucket/batch | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
@@ -294,12 +294,17 @@ def main() -> None:
     parser.add_argument("--venv", default=str(ROOT / ".venv-bench"), help="the anchors' venv (made if missing)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start / peak-RSS processes")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES,
+                        help="engines to run (st_torch, the reference, is always run)")
+    parser.add_argument("--buckets", nargs="+", choices=list(BUCKETS), default=list(BUCKETS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--worker", choices=["all", "cold"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.n, args.rounds, args.latency_calls = 64, 1, 20
+    args.engines = ["st_torch"] + [n for n in ENGINES if n in args.engines and n != "st_torch"]
     if args.worker:
         return worker_main(args)
     venv = Path(args.venv)
@@ -310,12 +315,13 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run([str(python), __file__, "--worker", "all", "--cache", args.cache, "--threads",
                            str(args.threads), "--n", str(args.n), "--rounds", str(args.rounds), "--latency-calls",
-                           str(args.latency_calls)], capture_output=True, text=True, env=env)
+                           str(args.latency_calls), "--engines", *args.engines, "--buckets", *args.buckets,
+                           "--batch-sizes", *map(str, args.batch_sizes)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"the benchmark worker failed:\n{proc.stderr[-3000:]}")
     results = json.loads(proc.stdout.splitlines()[-1])
     report(results, args)
-    cold = {} if args.no_cold else report_cold(python, [n for n in ENGINES if n not in results["skipped"]], args)
+    cold = {} if args.no_cold else report_cold(python, [n for n in args.engines if n not in results["skipped"]], args)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": isa_line(), "args": vars(args), "results": results,
                                                "cold": cold}, indent=1))
