@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BertConfig
+from . import fusion
 from .masks import AttentionMask
 from .padding import PackedBatch
 
@@ -114,9 +115,16 @@ class BertSelfAttention(nn.Module):
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # CPU inference: one oneDNN GEMM over the stacked weights, cached (bertkit.nn.fusion).
         # config.fused_qkv: one GEMM with the three weight matrices stacked (built per call from the
         # same parameters, so state-dict names, training and pruning are untouched). Quantized
         # (QuantLinear) projections keep their own path.
+        linears = (self.query, self.key, self.value)
+        if fusion.applies(self, hidden_states, *linears):
+            stacked = self.__dict__.get("_stacked_qkv")
+            if stacked is None:
+                stacked = self.__dict__["_stacked_qkv"] = fusion.StackedLinear()
+            return stacked(hidden_states, linears).split(self.all_head_size, dim=-1)
         if (self.config.fused_qkv and all(type(m) is nn.Linear and m.bias is not None
                                           for m in (self.query, self.key, self.value))):
             weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])

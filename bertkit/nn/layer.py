@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import BertConfig
 from ..utils import find_pruneable_heads_and_indices, prune_linear_layer
 from .activations import get_activation
+from . import fusion
 from .attention import BertSelfAttention
 from .masks import AttentionMask, as_attention_mask
 from .padding import PackedBatch
@@ -59,6 +60,9 @@ class BertSelfOutput(nn.Module):
     quantizer_hooks = ADD_QUANTIZERS  # see ADD_QUANTIZERS
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if "add_local_input_quantizer" not in self._modules and fusion.applies(self, hidden_states, self.dense):
+            # CPU inference: the residual add in the GEMM's epilogue (bertkit.nn.fusion); dropout is off in eval.
+            return self.LayerNorm(fusion.linear_add(hidden_states, self.dense, residual))
         hidden_states = self.dropout(self.dense(hidden_states))
         if "add_local_input_quantizer" in self._modules:  # QDQ-BERT (absent in a float model)
             hidden_states = self.add_local_input_quantizer(hidden_states)
@@ -77,8 +81,12 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.intermediate_act_fn = get_activation(config.hidden_act)
+        self.gelu_algorithm = fusion.GELU_ALGORITHMS.get(config.hidden_act)  # None: no fused kernel for it
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.gelu_algorithm is not None and fusion.applies(self, hidden_states, self.dense):
+            # CPU inference: the GELU in the GEMM's epilogue (bertkit.nn.fusion).
+            return fusion.linear_act(hidden_states, self.dense, self.gelu_algorithm)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
