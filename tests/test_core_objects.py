@@ -18,7 +18,7 @@ MASK = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 6 + [0] * 3, [1] + [0] * 
 def test_packed_batch_from_lengths_equals_from_mask():
     a = PackedBatch.from_lengths([9, 4, 6, 1], torch.float16)
     b = PackedBatch.from_mask(MASK, torch.float16)
-    for field in ("indices", "cu_seqlens", "key_mask"):
+    for field in ("indices", "cu_seqlens", "key_mask", "gather", "positions"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert (a.max_len, a.span, a.batch, a.length) == (b.max_len, b.span, b.batch, b.length)
     with pytest.raises(ValueError, match="positive token counts"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,16 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, length: int) -> torc
     return out.view(batch, length, *x.shape[1:])
 
 
+def _repad_maps(indices: torch.Tensor, length: int, span: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For attention over ``(batch, span)``: ``gather`` (B*span,) maps each padded slot to its packed row (row 0
+    for padding, which the key mask hides and :meth:`PackedBatch.attend` drops), ``positions`` (T,) maps each
+    packed row to its slot."""
+    positions = indices if span == length else indices // length * span + indices % length
+    gather = torch.zeros(batch * span, dtype=torch.long, device=indices.device)
+    gather[positions] = torch.arange(indices.numel(), device=indices.device)
+    return gather, positions
+
+
 @dataclass
 class PackedBatch:
     """The mask of a packed batch: where each sequence starts, handed to attention in place of an
@@ -57,6 +68,12 @@ class PackedBatch:
     batch: int
     length: int
     key_mask: torch.Tensor      # (B, 1, 1, L) additive mask for the re-padded path
+    gather: torch.Tensor | None = None     # (B*span,) packed row of each re-padded slot (see _repad_maps)
+    positions: torch.Tensor | None = None  # (T,) re-padded slot of each packed row
+
+    def __post_init__(self):
+        if self.gather is None:
+            self.gather, self.positions = _repad_maps(self.indices, self.length, self.span, self.batch)
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, dtype: torch.dtype) -> "PackedBatch":
@@ -73,18 +90,20 @@ class PackedBatch:
         """From the sequence lengths alone (right-padded layout), computed on the host: no padded mask and no
         device sync, for callers that pack token lists themselves. Equal to :meth:`from_mask` of the
         right-padded mask of these lengths."""
-        if not lengths or min(lengths) < 1:
-            raise ValueError(f"lengths must be positive token counts, got {lengths}")
-        batch, max_len = len(lengths), max(lengths)
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        indices = torch.tensor([row * max_len + i for row, n in enumerate(lengths) for i in range(n)], device=device)
-        key_mask = torch.zeros(batch, 1, 1, max_len, dtype=dtype, device=device)
-        for row, n in enumerate(lengths):
-            key_mask[row, ..., n:] = torch.finfo(dtype).min
-        return cls(indices, torch.tensor(starts, dtype=torch.int32, device=device), max_len, max_len, batch, max_len,
-                   key_mask)
+        if not len(lengths) or min(lengths) < 1:
+            raise ValueError(f"lengths must be positive token counts, got {list(lengths)}")
+        n = np.asarray(lengths, dtype=np.int64)
+        batch, max_len = len(n), int(n.max())
+        starts = np.concatenate([[0], np.cumsum(n)])
+        rows = np.repeat(np.arange(batch), n)
+        indices = rows * max_len + (np.arange(int(starts[-1])) - np.repeat(starts[:-1], n))
+        keep = np.arange(max_len)[None, :] < n[:, None]
+        key_mask = torch.from_numpy(np.where(keep, 0.0, torch.finfo(dtype).min)).to(dtype).view(batch, 1, 1, max_len)
+        gather = np.zeros(batch * max_len, dtype=np.int64)
+        gather[indices] = np.arange(indices.size)
+        as_tensor = (lambda a, **kw: torch.from_numpy(a).to(device, **kw))
+        return cls(as_tensor(indices), as_tensor(starts, dtype=torch.int32), max_len, max_len, batch, max_len,
+                   key_mask.to(device), as_tensor(gather), as_tensor(indices))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
         """Attention per sequence on packed ``(T, heads, D)`` tensors; returns ``(T, heads, D)``."""
@@ -98,12 +117,12 @@ class PackedBatch:
             out = F.scaled_dot_product_attention(*(t.view(self.batch, self.length, *t.shape[1:]).transpose(1, 2)
                                                    for t in (q, k, v)), dropout_p=dropout_p, scale=scale)
             return out.transpose(1, 2).reshape(q.shape)
-        # Re-pad (to the longest sequence when right-padded), one SDPA call, unpad again.
-        qp, kp, vp = (pad(t, self.indices, self.batch, self.length)[:, : self.span].transpose(1, 2)
+        # Re-pad (to the longest sequence when right-padded) with one gather per tensor, one SDPA call, one
+        # gather back. Padded slots hold a copy of row 0: the key mask hides them as keys, and their query
+        # rows are never gathered back (a zero-filled buffer and index_copy_ cost twice as much).
+        span = self.span
+        qp, kp, vp = (t.index_select(0, self.gather).view(self.batch, span, *t.shape[1:]).transpose(1, 2)
                       for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.key_mask[..., : self.span],
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.key_mask[..., :span],
                                              dropout_p=dropout_p, scale=scale)
-        out = out.transpose(1, 2)
-        if self.span < self.length:
-            out = F.pad(out, (0, 0, 0, 0, 0, self.length - self.span))
-        return unpad(out, self.indices)
+        return out.transpose(1, 2).reshape(self.batch * span, *q.shape[1:]).index_select(0, self.positions)
