@@ -213,9 +213,9 @@ class SentenceEncoder:
         if quantize is not None:  # checked before any loading: a missing extra is the first thing to learn
             if quantize != "int8":
                 raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-            from .quant.int8 import require_onnx
+            from .quant.int8 import require_int8
 
-            require_onnx("quantize='int8' (bertkit embed/search --quantize int8)")
+            require_int8("quantize='int8' (bertkit embed/search --quantize int8)")
         if path is None:
             folder = bundled_model_dir()
             if folder is None:

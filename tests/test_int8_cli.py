@@ -66,8 +66,13 @@ def test_to_int8_leaves_no_temporary_file_on_success_or_failure(backend, model_d
     assert _ours(temp_dir) == []
 
 
+AVX2_ONLY = frozenset({"avx2", "fma"})  # a CPU where int8 runs on onnxruntime (torch._int_mm is a scalar loop)
+VNNI = frozenset({"avx2", "avx512f", "avx512_vnni"})  # ... and one where it runs in torch, without onnx
+
+
 @pytest.fixture
 def without_onnx(monkeypatch):
+    monkeypatch.setattr(bertkit.cpu, "cpu_flags", lambda: AVX2_ONLY)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name in ("onnx", "onnxruntime") else real(name, *a, **k))
@@ -91,6 +96,18 @@ def test_missing_onnx_exits_2_with_the_install_hint_before_loading(argv, model_d
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'bertkit[int8]'" in err and "onnx" in err, err
     assert not (tmp_path / "m.onnx").exists()
+    if argv[0] == "embed":  # and why onnx is needed on this CPU
+        assert "AVX512-VNNI" in err, err
+
+
+def test_without_onnx_a_vnni_cpu_runs_int8_in_torch(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(bertkit.cpu, "cpu_flags", lambda: VNNI)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in ("onnx", "onnxruntime") else real(name, *a, **k))
+    assert main(["embed", "--model", str(model_dir), "--quantize", "int8", "a text"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_library_user_gets_an_import_error(without_onnx):
@@ -126,3 +143,11 @@ def test_calibration_uses_every_text_unless_capped_and_says_so(model_dir, tmp_pa
     out, err = capsys.readouterr()
     assert "on 300 texts" in out
     assert "calibrating on the first 300 of the 1100 texts" in err and "Calibrating" in err and "300/300" in err
+
+
+def test_torch_per_token_writes_no_temporary_file(model_dir, temp_dir):
+    model = bertkit.BertModel.from_pretrained(model_dir)
+    batches = list(int8.calibration_batches(bertkit.Tokenizer.from_pretrained(model_dir), ["a short text", "another"]))
+    quantized = int8.to_int8(model, batches, backend="torch-per-token")
+    assert quantized(input_ids=torch.tensor([[101, 2023, 2003, 102]])).last_hidden_state.shape == (1, 4, TINY["hidden_size"])
+    assert _ours(temp_dir) == []

@@ -1,8 +1,14 @@
 """Real int8 inference on CPU: a copy of a float model that runs int8 matrix multiplies.
 
-Three backends (measured in ``benchmarks/cpu_engines.py`` and ``benchmarks/quant_int8.py``; docs/benchmarks.md):
+Four backends (measured in ``benchmarks/cpu_engines.py`` and ``benchmarks/quant_int8.py``; docs/benchmarks.md).
+The default is chosen for the CPU found (:func:`default_backend`): ``"torch-per-token"`` where PyTorch's int8
+product runs on VNNI (AVX512-VNNI, AMX), else ``"onnxruntime-dynamic"`` (onnxruntime's u8s8 kernels, AVX2 too).
 
-* ``"onnxruntime-dynamic"`` (the default): per-token dynamic activation scales and per-channel int8 weights
+* ``"torch-per-token"``: the same per-token scheme inside bertkit's own forward (:mod:`bertkit.quant.torch_int8`):
+  each encoder Linear becomes an int8 product (``torch._int_mm``, oneDNN's VNNI kernel), q/k/v one product, the
+  MLP down-projection with four input groups of its own row and weight scales; no export, padding-free (the
+  model stays a ``BertModel``). Off VNNI, ``torch._int_mm`` is a scalar loop: never the default there.
+* ``"onnxruntime-dynamic"``: per-token dynamic activation scales and per-channel int8 weights
   (:mod:`bertkit.quant.per_token`) on the float export, run by onnxruntime's u8s8 kernels (VNNI, AVX2 or
   AMX, whichever the CPU has). Each token is quantized over its own range, so no batch statistic and no
   calibrated activation range is involved: on all-MiniLM-L6-v2 the minimum cosine to fp32 is 0.995-0.998
@@ -42,7 +48,8 @@ from ..outputs import BaseModelOutput
 from .transform import QuantConfig, calibrate, quantize
 
 INSTALL_HINT = "pip install 'bertkit[int8]'"
-BACKENDS = ("onnxruntime-dynamic", "onnxruntime", "torch")
+BACKENDS = ("torch-per-token", "onnxruntime-dynamic", "onnxruntime", "torch")
+# The default where "torch-per-token" has no fast kernel; default_backend() decides at run time.
 DEFAULT_BACKEND = "onnxruntime-dynamic"
 # Per-tensor activations, on all-MiniLM-L6-v2: 0.5 lets the MLP down-projection weights absorb too much.
 DEFAULT_ALPHA = 0.85
@@ -64,6 +71,37 @@ def require_onnx(what: str, runtime: bool = True) -> None:
     if missing:
         raise MissingExtraError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                                 f"not installed; run `{INSTALL_HINT}`")
+
+
+def default_backend(flags: frozenset[str] | None = None) -> str:
+    """The fastest measured backend for this CPU: "torch-per-token" with AVX512-VNNI / AMX-INT8 (and a PyTorch
+    whose ``torch._int_mm`` uses them), else "onnxruntime-dynamic". ``flags``: the CPU's, for tests."""
+    from .torch_int8 import torch_int8_supported
+
+    return "torch-per-token" if torch_int8_supported(flags)[0] else DEFAULT_BACKEND
+
+
+def require_int8(what: str, backend: str | None = None) -> str:
+    """Checks, before any model loads, that ``backend`` (None: :func:`default_backend`) can run here; returns it.
+
+    Raises :class:`MissingExtraError` naming what is missing, why it is needed on this CPU, and the install
+    command (the onnxruntime backends need ``onnx`` and ``onnxruntime``; "torch-per-token" needs nothing more).
+    """
+    chosen = default_backend() if backend is None else backend
+    if chosen == "torch-per-token":
+        from .torch_int8 import torch_int8_supported
+
+        ok, why = torch_int8_supported()
+        if backend is not None and not ok:
+            warnings.warn(f"backend 'torch-per-token' runs slowly here: {why}", stacklevel=3)
+        return chosen
+    if chosen != "torch":
+        from .torch_int8 import torch_int8_supported
+
+        ok, why = torch_int8_supported()
+        reason = "" if backend is not None or ok else f" (int8 runs on onnxruntime here: {why})"
+        require_onnx(what + reason)
+    return chosen
 
 
 class PreScaled(nn.Module):
@@ -171,7 +209,7 @@ class OnnxRuntimeModel(nn.Module):
         return result if return_dict is not False else result.to_tuple()
 
 
-def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]], backend: str = DEFAULT_BACKEND,
+def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]], backend: str | None = None,
             alpha: float | None = None, calib_method: str = "max", path: str | None = None) -> nn.Module:
     """An int8 copy of a float ``BertModel`` with the same ``forward`` inputs and outputs.
 
@@ -179,28 +217,34 @@ def to_int8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
         model: A float32 ``bertkit.BertModel`` (left unchanged).
         calibration: Batches (dicts with input_ids / attention_mask / token_type_ids) of representative
             inputs; see :func:`calibration_batches`. Iterated for smoothing, then (static backend) calibration.
-        backend: "onnxruntime-dynamic" (default: per-token activation scales, see
-            :mod:`bertkit.quant.per_token`), "onnxruntime" (static per-tensor QDQ) or "torch".
-        alpha: SmoothQuant migration strength (0 disables smoothing; default DYNAMIC_ALPHA for the dynamic
-            backend, DEFAULT_ALPHA for the others).
+        backend: None (default: :func:`default_backend` for this CPU), "torch-per-token" (per-token int8 in
+            bertkit's forward, :mod:`bertkit.quant.torch_int8`), "onnxruntime-dynamic" (per-token activation
+            scales in onnxruntime, :mod:`bertkit.quant.per_token`), "onnxruntime" (static per-tensor QDQ) or
+            "torch" (``quantize_dynamic``, per-tensor).
+        alpha: SmoothQuant migration strength (0 disables smoothing; default DYNAMIC_ALPHA for the per-token
+            backends, DEFAULT_ALPHA for the others).
         calib_method: Activation calibration of the onnxruntime backend ("max", "percentile", ...).
         path: Where the onnxruntime backend writes its ``.onnx`` to keep (default: a temporary file, deleted
             once the session is loaded).
 
     Returns:
-        :class:`OnnxRuntimeModel` or a torch module (``torch`` backend) in eval mode.
+        :class:`OnnxRuntimeModel`, or a ``BertModel`` with int8 modules ("torch-per-token", "torch"), in eval mode.
     """
+    if backend is None:
+        backend = default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if not isinstance(model, BertModel):
         raise ValueError(f"to_int8 takes a bertkit.BertModel (e.g. SentenceEncoder.model), got "
                          f"{type(model).__name__}; for task models use quantize() + export_onnx()")
-    if backend != "torch":
+    if backend not in ("torch", "torch-per-token"):
         require_onnx(f"int8 inference (backend {backend!r})")
     if alpha is None:
-        alpha = DYNAMIC_ALPHA if backend == "onnxruntime-dynamic" else DEFAULT_ALPHA
+        alpha = DYNAMIC_ALPHA if backend in ("onnxruntime-dynamic", "torch-per-token") else DEFAULT_ALPHA
     calibration = list(calibration)
     work = copy.deepcopy(model).float().eval()
+    if backend == "torch-per-token":
+        return _torch_per_token(work, input_channel_amax(work, calibration) if alpha > 0 else None, alpha)
     if alpha > 0:
         smooth(work, input_channel_amax(work, calibration), alpha)
     if backend == "torch":
@@ -230,8 +274,9 @@ ACTIVATION_MIN = {"gelu": -0.1701, "gelu_new": -0.1701, "gelu_pytorch_tanh": -0.
                   "relu": 0.0}
 
 
-def _activation_bounds(work: nn.Module, config) -> dict[str, torch.Tensor]:
-    """{module name: lower bound of its input} for the MLP down-projections."""
+def _activation_bounds(work: nn.Module, config, scaled: bool = True) -> dict[str, torch.Tensor]:
+    """{module name: lower bound of its input} for the MLP down-projections (``scaled``: times the smoothing's
+    ``1 / s`` of a :class:`PreScaled` module, per channel)."""
     low = ACTIVATION_MIN.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
     if low is None:
         return {}
@@ -239,7 +284,7 @@ def _activation_bounds(work: nn.Module, config) -> dict[str, torch.Tensor]:
     for name, module in work.named_modules():
         # BERT's MLP down-projection is "<layer>.output.dense" (the attention's is "<layer>.attention.output.dense")
         if name.endswith(".output.dense") and ".attention." not in name:
-            scale = module.inv_scale if isinstance(module, PreScaled) else torch.ones(())
+            scale = module.inv_scale if scaled and isinstance(module, PreScaled) else torch.ones(())
             bounds[name] = (low * scale).float().numpy()
     return bounds
 
@@ -248,6 +293,25 @@ def _module_name(node_name: str) -> str:
     # The exporter names nodes by module scope: "/model/encoder/layer.0/output/dense/linear/MatMul".
     parts = node_name.strip("/").split("/")[1:-1]  # without the export wrapper's "model" and the op
     return ".".join(parts[:-1] if parts and parts[-1] == "linear" else parts)
+
+
+# torch-per-token: q/k/v share one smoothing scale; alpha 0.65 there gave the best minimum cosine (0.5: long
+# 0.9956, real 0.9937; 0.65: 0.9968, 0.9960; 0.8: 0.9966, 0.9963 on all-MiniLM-L6-v2, docs/benchmarks.md).
+QKV_ALPHA = 0.65
+# The MLP down-projection (1536 inputs on all-MiniLM-L6-v2) in four groups of input channels, each with its own
+# row and weight scales: minimum cosine on long texts 0.9953 -> 0.9971 (mixed 0.9955 -> 0.9968).
+DOWN_GROUPS = 4
+
+
+def _torch_per_token(work: nn.Module, stats: dict[str, torch.Tensor] | None, alpha: float) -> nn.Module:
+    from .torch_int8 import convert
+
+    bounds = {name: float(bound.max()) for name, bound in _activation_bounds(work, work.config, scaled=False).items()}
+    modules = dict(work.named_modules())
+    groups = {name: DOWN_GROUPS if modules[name].in_features % DOWN_GROUPS == 0 else 1 for name in bounds}
+    alphas = {name: QKV_ALPHA for name, _ in work.named_modules() if name.endswith(".attention.self.query")} \
+        if alpha == DYNAMIC_ALPHA else {}
+    return convert(work, stats, alpha, bounds, groups=groups, alphas=alphas).eval()
 
 
 def _per_token_session(work: nn.Module, config, path: str | None) -> OnnxRuntimeModel:
