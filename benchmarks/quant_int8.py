@@ -25,7 +25,8 @@ import torch
 
 import bertkit
 from bertkit.quant import QuantConfig, calibrate, export_onnx, quantize
-from bertkit.quant.int8 import OnnxRuntimeModel, calibration_batches, quantize_dynamic_int8, to_int8
+from bertkit.quant.int8 import (OnnxRuntimeModel, calibration_batches, default_backend, quantize_dynamic_int8,
+                                 to_int8)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +105,10 @@ def main() -> None:
         candidates = {
             "torch fp32": model,
             "onnxruntime fp32": OnnxRuntimeModel(os.path.join(tmp, "fp32.onnx"), model.config, threads),
-            "onnxruntime int8 per-token (to_int8, the default)": to_int8(model, calib),
+            f"to_int8 default for this CPU ({default_backend()})": to_int8(model, calib),
+            "torch int8 per-token (backend='torch-per-token')": to_int8(model, calib, backend="torch-per-token"),
+            "onnxruntime int8 per-token (backend='onnxruntime-dynamic')": to_int8(model, calib,
+                                                                                backend="onnxruntime-dynamic"),
             "onnxruntime int8 static QDQ (backend='onnxruntime')": to_int8(model, calib, backend="onnxruntime",
                                                                           path=os.path.join(tmp, "int8.onnx")),
             "torch dynamic int8 + smoothing": to_int8(model, calib, backend="torch"),
