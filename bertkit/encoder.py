@@ -156,6 +156,11 @@ _CALIBRATION_TEXTS = (
 )
 
 
+# SentenceEncoder hands token lists straight to BertModel.forward_packed where it can (see _encode_chunk);
+# False restores the padded-input path (benchmarks compare both in one process).
+PACKED_FIRST = True
+
+
 class SentenceEncoder:
     """Turns texts into fixed-size embeddings with a BERT model and sentence-transformers pooling.
 
@@ -347,28 +352,46 @@ class SentenceEncoder:
                              return_tensors=None)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id
-        device = self.device
-        # torch.compile wraps the model (OptimizedModule, ._orig_mod): still a BertModel that takes unpad.
-        base = getattr(self.model, "_orig_mod", self.model)
-        extra = {"unpad": True} if self.unpad and isinstance(base, BertModel) else {}
         for rows in self._batches(order, lengths, batch_size):
-            width = int(lengths[rows[0]])  # longest first, so the first row sets the padded width
-            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for r, i in enumerate(rows):
-                input_ids[r, :lengths[i]] = ids[i]
-                mask[r, :lengths[i]] = 1
-            input_ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
-            # A batch without padding (one text, or texts of one length) has nothing to unpad: the padded path
-            # is the same computation without the index round trip (8% of a batch-1 call on CPU).
-            padded = int(lengths[rows[-1]]) < width
-            hidden = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
-                                **(extra if padded else {})).last_hidden_state
-            out[torch.from_numpy(rows)] = self._pool(hidden, mask, normalize).cpu()
+            out[torch.from_numpy(rows)] = self.embed_token_ids([ids[i] for i in rows], normalize).cpu()
             if bar is not None:
                 bar.update(len(rows))
         return out
+
+    @torch.inference_mode()
+    def embed_token_ids(self, ids: Sequence[Sequence[int]], normalize: bool | None = None) -> torch.Tensor:
+        """Pooled float32 embeddings ``(len(ids), dim)``, on the model's device, of one batch of token-id lists
+        (each with its [CLS]/[SEP], as the tokenizer makes them). ``encode`` runs this per length-sorted batch;
+        a server batching rows of many requests calls it directly.
+
+        Packed-first where it can (an eager BertModel whose layers run on packed tokens): the lists go into one
+        ``(T,)`` tensor for :meth:`BertModel.forward_packed` and pooling runs on the packed rows, so no padded
+        tensor is made at all. Otherwise (``torch.compile``, int8 sessions, ``unpad=False``) a right-padded batch.
+        """
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if not len(ids) or counts.min() < 1:
+            raise ValueError("ids must be a non-empty list of non-empty token-id lists")
+        device = self.device
+        # torch.compile wraps the model (OptimizedModule, ._orig_mod): still a BertModel that takes unpad.
+        base = getattr(self.model, "_orig_mod", self.model)
+        unpad = self.unpad and isinstance(base, BertModel)
+        if PACKED_FIRST and unpad and base is self.model and not base.encoder.needs_padded_layout:
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(counts.sum()))
+            hidden = base.forward_packed(torch.from_numpy(flat).to(device), counts.tolist())
+            return self._pool_packed(hidden, counts, normalize)
+        width = int(counts.max())
+        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for r, row in enumerate(ids):
+            input_ids[r, :len(row)] = row
+            mask[r, :len(row)] = 1
+        input_ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
+        # A batch without padding (one text, or texts of one length) has nothing to unpad: the padded path
+        # is the same computation without the index round trip (8% of a batch-1 call on CPU).
+        extra = {"unpad": True} if unpad and int(counts.min()) < width else {}
+        hidden = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids),
+                            **extra).last_hidden_state
+        return self._pool(hidden, mask, normalize)
 
     def _batches(self, order: np.ndarray, lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         # Rows come longest first; a batch's padded size is its first row's length times its row count.
@@ -382,20 +405,27 @@ class SentenceEncoder:
             yield order[start:end]
             start = end
 
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool | None) -> torch.Tensor:
-        hidden = hidden.float()  # pool in float32 even for half-precision weights
-        keep = mask.unsqueeze(-1).to(hidden.dtype)
-        count = keep.sum(dim=1).clamp(min=1e-9)
+    def _pool_packed(self, hidden: torch.Tensor, counts: np.ndarray, normalize: bool | None) -> torch.Tensor:
+        """:meth:`_pool` on packed rows ``(T, hidden)`` of sequences of ``counts`` tokens each."""
+        hidden = hidden.float()
+        lengths = torch.from_numpy(counts).to(hidden.device)
         parts = []
         for mode in self.pooling:
             if mode == "cls":
-                parts.append(hidden[:, 0])  # right padding: [CLS] is always position 0
+                starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]])).to(hidden.device)
+                parts.append(hidden.index_select(0, starts))
             elif mode == "max":
-                parts.append(hidden.masked_fill(keep == 0, float("-inf")).max(dim=1).values)
+                parts.append(torch.segment_reduce(hidden, "max", lengths=lengths, axis=0))
             else:
-                summed = (hidden * keep).sum(dim=1)
+                summed = torch.segment_reduce(hidden, "sum", lengths=lengths, axis=0)
+                count = lengths.unsqueeze(-1).to(hidden.dtype)
                 parts.append(summed / (count if mode == "mean" else count.sqrt()))
         pooled = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if self.normalize if normalize is None else normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool | None) -> torch.Tensor:
+        """:meth:`_pool_packed` of a right-padded batch ``(B, L, hidden)`` with its ``(B, L)`` mask."""
+        keep = mask.bool()
+        return self._pool_packed(hidden[keep], keep.sum(dim=1).cpu().numpy(), normalize)

@@ -182,6 +182,42 @@ class BertModel(BertPreTrainedModel):
             return False
         return not self.encoder.needs_padded_layout
 
+    def forward_packed(self, input_ids: torch.Tensor, lengths, token_type_ids: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Packed-first inference: the token lists of a batch concatenated, no padded tensor at all.
+
+        Args:
+            input_ids: ``(T,)`` the sequences' token ids one after another (each starts with [CLS]).
+            lengths: the token count of each sequence, summing to ``T`` (host integers: no device sync).
+            token_type_ids: ``(T,)``, default zeros.
+
+        Returns:
+            ``(T, hidden)``: the last hidden state of every token, in the same order (no pooler).
+
+        Raises:
+            ValueError: bad shapes or ids, or a model whose layers need the padded layout (relative
+                positions, enabled QDQ matmul quantizers...): call the model with ``attention_mask`` instead.
+        """
+        lengths = [int(n) for n in lengths]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D packed token ids (T,), got shape {tuple(input_ids.shape)}; "
+                             "for a (batch, seq_len) tensor call the model with attention_mask")
+        if sum(lengths) != input_ids.numel():
+            raise ValueError(f"lengths sum to {sum(lengths)} but input_ids has {input_ids.numel()} tokens")
+        if token_type_ids is not None and tuple(token_type_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)} but input_ids has shape "
+                             f"{tuple(input_ids.shape)}")
+        if self.encoder.needs_padded_layout:
+            raise ValueError("this model's layers need the padded layout (relative positions, explicit softmax or "
+                             "QDQ matmul quantizers); call the model with input_ids (batch, seq_len) and "
+                             "attention_mask instead")
+        packed = PackedBatch.from_lengths(lengths, self.embeddings.word_embeddings.weight.dtype, input_ids.device)
+        position_ids = packed.indices % packed.max_len  # each sequence counts from 0
+        _check_inputs(self.config, input_ids.view(1, -1), None, None,
+                      token_type_ids.view(1, -1) if token_type_ids is not None else None, position_ids.view(1, -1), 0)
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids)
+        return self.encoder(embeddings, attention_mask=packed)[0]
+
     def _forward_unpadded(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                           return_dict):
         batch, length = input_ids.shape

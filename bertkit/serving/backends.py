@@ -91,22 +91,6 @@ class ServedModel:
         return {"model_id": self.name, "model_path": self.path, "task": self.task, "model_dtype": self.dtype,
                 "max_input_length": self.max_input_length}
 
-    def _padded(self, ids: list, types: list | None):
-        # The model runs padding-free (unpad=True): the padded tensors only carry the row structure in.
-        width = max(map(len, ids))
-        device = next(self.model.parameters()).device
-        input_ids = np.zeros((len(ids), width), dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        token_types = np.zeros((len(ids), width), dtype=np.int64)
-        for r, row in enumerate(ids):
-            input_ids[r, :len(row)] = row
-            mask[r, :len(row)] = 1
-            if types is not None:
-                token_types[r, :len(row)] = types[r]
-        input_ids[mask == 0] = self.tokenizer.pad_token_id
-        return (torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device),
-                torch.from_numpy(token_types).to(device))
-
     def warm_up(self) -> None:
         self.forward(self.tokenize(["warm up"]).ids, None)
 
@@ -124,13 +108,8 @@ class EmbeddingModel(ServedModel):
 
     @torch.inference_mode()
     def forward(self, ids: list, types: list | None) -> list[np.ndarray]:
-        input_ids, mask, token_types = self._padded(ids, types)
-        extra = {"unpad": True} if self.encoder.unpad else {}
-        hidden = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types,
-                            **extra).last_hidden_state
-        # SentenceEncoder's own pooling (mean/cls/max, float32), without normalizing: requests decide.
-        pooled = self.encoder._pool(hidden, mask, False).cpu().numpy()
-        return list(pooled)
+        # SentenceEncoder's own batch path (packed-first, pooling in float32), without normalizing: requests decide.
+        return list(self.encoder.embed_token_ids(ids, normalize=False).cpu().numpy())
 
     def info(self) -> dict:
         pooling = "+".join(self.encoder.pooling)
