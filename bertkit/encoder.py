@@ -257,6 +257,10 @@ class SentenceEncoder:
             texts = list(calibration_texts) if calibration_texts else list(_CALIBRATION_TEXTS)
             batches = calibration_batches(tokenizer, texts, max_length=encoder.max_seq_length)
             encoder.model = to_int8(model, batches)
+            if max_batch_tokens is None and isinstance(encoder.model, BertModel):  # backend "torch-per-token"
+                from .quant.torch_int8 import BATCH_TOKENS
+
+                encoder.max_batch_tokens = BATCH_TOKENS
         if compile:
             encoder.model = torch.compile(encoder.model, dynamic=True)
         return encoder

@@ -194,6 +194,7 @@ def test_sentence_encoder_int8_default_is_torch_on_this_cpu_and_close_to_fp32():
     ref = bertkit.SentenceEncoder.from_pretrained().encode(held_out, convert_to_numpy=False)
     encoder = bertkit.SentenceEncoder.from_pretrained(quantize="int8")
     assert type(encoder.model.encoder.layer[0].attention.self) is PerTokenSelfAttention
+    assert encoder.max_batch_tokens == torch_int8.BATCH_TOKENS  # chunks that fit the caches, unless told otherwise
     got = encoder.encode(held_out, convert_to_numpy=False)
     cosine = _cosine(got, ref)
     assert cosine.min() >= 0.995, (cosine.min(), cosine.argmin())
@@ -210,6 +211,3 @@ def test_sentence_encoder_int8_default_is_torch_on_this_cpu_and_close_to_fp32():
     # move a value across an int8 rounding boundary: the embedding then moves by far less than int8's own error.
     assert _cosine(encoder.encode(held_out[7:8], convert_to_numpy=False), got[7:8]).item() > 0.99999
 
-
-def test_torch_module_is_imported_only_through_the_int8_api():
-    assert torch_int8.__name__ == "bertkit.quant.torch_int8"

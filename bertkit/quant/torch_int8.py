@@ -161,6 +161,11 @@ class PerTokenLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+# Tokens per forward that SentenceEncoder uses with this backend unless told otherwise (max_batch_tokens): batch
+# 128 of 256-token texts (32768 tokens) ran at 30 texts/s, in chunks of 8192 tokens at 45/s (mixed lengths:
+# 41 -> 71/s; short texts unchanged), 2 threads, AVX512-VNNI: the buffers of larger batches outgrow the caches.
+BATCH_TOKENS = 8192
+
 _MINUS_127 = torch.tensor(-127.0)
 _THREAD = threading.local()
 
