@@ -144,7 +144,14 @@ def test_unfused_projections_each_get_their_own_output(tiny_pair):
     # Without the q/k/v fusion the three products run one after the other: each must keep its own result.
     model, fused, ids, mask = tiny_pair
     work = convert(__import__("copy").deepcopy(model), None, 0.0, fused_qkv=False)
-    assert type(work.encoder.layer[0].attention.self.query) is PerTokenLinear
+    attention = work.encoder.layer[0].attention.self
+    assert type(attention.query) is PerTokenLinear
+    h = torch.randn(5, 32)
+    projections = (attention.query, attention.key, attention.value)
+    expected = [m(h).clone() for m in projections]
+    kept = [m(h) for m in projections]  # held together, as the attention holds q, k and v
+    for got, want in zip(kept, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     with torch.inference_mode():
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
         got = work(input_ids=ids, attention_mask=mask).last_hidden_state
