@@ -60,8 +60,10 @@ def applies(module: nn.Module, x: torch.Tensor, *linears: nn.Module) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.enabled:
         return False
-    if not all(type(m) is nn.Linear and m.bias is not None and m.weight.dtype == x.dtype and not _hooked(m)
-               for m in linears):
+    if not all(type(m) is nn.Linear and m.bias is not None and m.weight.dtype == x.dtype and m.weight.numel()
+               and not _hooked(m) for m in linears):  # numel: all heads pruned leaves 0-wide Linears
+        return False
+    if not x.numel():
         return False
     return bool(_kernel())
 
