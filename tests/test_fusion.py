@@ -105,3 +105,19 @@ def test_bfloat16_close_to_float32():
     keep = mask.bool()
     cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
     assert cos.min() > 0.999
+
+
+def test_small_batches_of_a_new_row_count_run_unfused_once(calls, monkeypatch):
+    # oneDNN builds a primitive per new row count; a small batch of a count not seen before runs unfused.
+    monkeypatch.setattr(fusion, "_seen", set())
+    model = _model()
+    ids = torch.randint(1, 120, (1, 13))
+    with torch.inference_mode():
+        first = model(ids).last_hidden_state
+        assert calls["n"] == 0
+        second = model(ids).last_hidden_state
+        assert calls["n"] == 8
+        monkeypatch.setattr(fusion, "MIN_ROWS_FIRST_SEEN", 20)
+        model(torch.randint(1, 120, (2, 11))).last_hidden_state  # 22 rows >= 20: fused at once
+        assert calls["n"] == 16
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)

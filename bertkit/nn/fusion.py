@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,30 @@ from torch import nn
 GELU_ALGORITHMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 _state = {"on": os.environ.get("BERTKIT_CPU_FUSION", "1") != "0", "kernel": None}
+
+# oneDNN builds a primitive for every new row count (0.7-1.1 ms each, four shapes per layer): more than the
+# fused kernels save on a small batch seen once (a batch-1 request of a new length). So a forward with fewer
+# rows than this runs fused only when an earlier forward had the same row count (primitives cached by then).
+MIN_ROWS_FIRST_SEEN = 1024
+_seen: set = set()
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def forward_scope(x: torch.Tensor):
+    """Decides once per encoder forward, from its input ``x``, whether the fused kernels may run in it."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    key = (rows, x.dtype)
+    allow = rows >= MIN_ROWS_FIRST_SEEN or key in _seen
+    if len(_seen) > 4096:  # bounded, like oneDNN's own primitive cache (1024 entries by default)
+        _seen.clear()
+    _seen.add(key)
+    before = getattr(_local, "allow", True)
+    _local.allow = allow
+    try:
+        yield
+    finally:
+        _local.allow = before
 
 
 @contextlib.contextmanager
@@ -56,7 +81,8 @@ def _kernel():
 
 def applies(module: nn.Module, x: torch.Tensor, *linears: nn.Module) -> bool:
     """True when the fused kernels may replace ``linears`` (run by ``module``) on input ``x``."""
-    if not _state["on"] or module.training or torch.is_grad_enabled() or x.device.type != "cpu":
+    if not _state["on"] or not getattr(_local, "allow", True) or module.training or torch.is_grad_enabled() \
+            or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.enabled:
         return False

@@ -221,28 +221,31 @@ class BertEncoder(nn.Module):
                           stacklevel=3)
             use_cache = False
         presents = () if use_cache else None
-        for i, layer in enumerate(self.layer):
-            enc_states, enc_mask = encoder_hidden_states, encoder_attention_mask
-            if isinstance(enc_states, list):  # several images (NLVR2): layer i attends to image i % n
-                j = i % len(enc_states)
-                enc_states, enc_mask = enc_states[j], enc_mask[j]
-            kwargs = dict(attention_mask=attention_mask, encoder_hidden_states=enc_states,
-                          encoder_attention_mask=enc_mask, head_mask=head_mask[i] if head_mask is not None else None,
-                          past_key_value=past_key_values[i] if past_key_values is not None else None,
-                          output_attentions=output_attentions, use_cache=use_cache)
-            if checkpointing:
-                hidden_states, self_probs, cross_probs, present = checkpoint(layer, hidden_states, use_reentrant=False,
-                                                                             **kwargs)
-            else:
-                hidden_states, self_probs, cross_probs, present = layer(hidden_states, **kwargs)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_self += (self_probs,)
-                if cross_probs is not None:
-                    all_cross += (cross_probs,)
-            if use_cache:
-                presents += (present,)
+        # One decision per forward on the CPU fusions (nn/fusion.py: new row counts of small batches run unfused).
+        with fusion.forward_scope(hidden_states):
+            for i, layer in enumerate(self.layer):
+                enc_states, enc_mask = encoder_hidden_states, encoder_attention_mask
+                if isinstance(enc_states, list):  # several images (NLVR2): layer i attends to image i % n
+                    j = i % len(enc_states)
+                    enc_states, enc_mask = enc_states[j], enc_mask[j]
+                kwargs = dict(attention_mask=attention_mask, encoder_hidden_states=enc_states,
+                              encoder_attention_mask=enc_mask,
+                              head_mask=head_mask[i] if head_mask is not None else None,
+                              past_key_value=past_key_values[i] if past_key_values is not None else None,
+                              output_attentions=output_attentions, use_cache=use_cache)
+                if checkpointing:
+                    hidden_states, self_probs, cross_probs, present = checkpoint(
+                        layer, hidden_states, use_reentrant=False, **kwargs)
+                else:
+                    hidden_states, self_probs, cross_probs, present = layer(hidden_states, **kwargs)
+                if output_hidden_states:
+                    all_hidden += (hidden_states,)
+                if output_attentions:
+                    all_self += (self_probs,)
+                    if cross_probs is not None:
+                        all_cross += (cross_probs,)
+                if use_cache:
+                    presents += (present,)
         # Megatron-BERT's final LayerNorm (Identity for BERT). As in HF, the last entry of hidden_states is
         # the normalised output; the earlier ones stay un-normalised.
         hidden_states = self.ln(hidden_states)
