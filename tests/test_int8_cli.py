@@ -149,5 +149,6 @@ def test_torch_per_token_writes_no_temporary_file(model_dir, temp_dir):
     model = bertkit.BertModel.from_pretrained(model_dir)
     batches = list(int8.calibration_batches(bertkit.Tokenizer.from_pretrained(model_dir), ["a short text", "another"]))
     quantized = int8.to_int8(model, batches, backend="torch-per-token")
-    assert quantized(input_ids=torch.tensor([[101, 2023, 2003, 102]])).last_hidden_state.shape == (1, 4, TINY["hidden_size"])
+    hidden = quantized(input_ids=torch.tensor([[101, 2023, 2003, 102]])).last_hidden_state
+    assert hidden.shape == (1, 4, TINY["hidden_size"])
     assert _ours(temp_dir) == []

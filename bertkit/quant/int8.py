@@ -26,9 +26,9 @@ product runs on VNNI (AVX512-VNNI, AMX), else ``"onnxruntime-dynamic"`` (onnxrun
 
 All apply SmoothQuant-style smoothing first (Xiao et al. 2023): BERT activations carry a few outlier
 channels (on all-MiniLM-L6-v2, per-tensor amax up to 30 at the MLP inputs), which costs per-tensor
-int8 activations most of their resolution. With calibration statistics ``a_j = max|X_j|`` and ``w_j = max|W[:, j]|`` each Linear
-computes ``(X / s) @ (W * s)^T`` with ``s_j = a_j**alpha / w_j**(1 - alpha)`` -- the same product in
-float, but the outliers move into the weights, which are quantized per output channel.
+int8 activations most of their resolution. With calibration statistics ``a_j = max|X_j|`` and
+``w_j = max|W[:, j]|`` each Linear computes ``(X / s) @ (W * s)^T`` with ``s_j = a_j**alpha / w_j**(1 - alpha)``
+-- the same product in float, but the outliers move into the weights, which are quantized per output channel.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The encoder's Linears are replaced, module by module, with products whose activations are quantized per token
 (each row over its own range: no batch statistic, a row's result does not depend on the other rows) and whose
-weights are int8 per output channel, multiplied by ``torch._int_mm`` (int8 x int8 -> int32: oneDNN's VNNI
+weights are int8 per output channel (and input group, see ``groups``), multiplied by ``torch._int_mm`` (int8 x int8 -> int32: oneDNN's VNNI
 kernel on CPUs with AVX512-VNNI). The model stays a :class:`~bertkit.BertModel`, so
 :class:`~bertkit.SentenceEncoder` keeps its packed (padding-free) path.
 
@@ -39,6 +39,8 @@ from ..nn.attention import BertSelfAttention
 from ..nn.layer import BertIntermediate, BertOutput, BertSelfOutput
 
 EPS = 1e-12
+
+
 def torch_int8_supported(flags: frozenset[str] | None = None) -> tuple[bool, str]:
     """(True, "") when ``torch._int_mm`` runs on oneDNN's VNNI kernels here, else (False, why)."""
     flags = cpu.cpu_flags() if flags is None else flags
@@ -262,7 +264,8 @@ def fuse_qkv(attention: BertSelfAttention, amax: torch.Tensor | None, alpha: flo
 
 
 # hidden_act -> the in-place activation PerTokenLinear applies; others stay a separate call.
-FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                     "gelu_fast": "gelu_tanh"}
 
 
 def convert(model: nn.Module, stats: dict[str, torch.Tensor] | None, alpha: float,
