@@ -31,11 +31,11 @@ GELU_ALGORITHMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tan
 
 _state = {"on": os.environ.get("BERTKIT_CPU_FUSION", "1") != "0", "kernel": None}
 
-# oneDNN builds a primitive for every new row count (0.7-1.1 ms each, four shapes per layer): more than the
-# fused kernels save on a small batch seen once (a batch-1 request of a new length). So a forward with fewer
-# rows than this runs fused only when an earlier forward had the same row count (primitives cached by then).
-MIN_ROWS_FIRST_SEEN = 1024
-_seen: set = set()
+# oneDNN builds a primitive for every new row count (0.7-1.1 ms each, four shapes per layer): on a small batch
+# (a batch-1 request) that is more than the fused kernels save, and small batches come in many row counts. So a
+# forward with fewer rows runs unfused. A rule on the shape alone, never on history: the same input always takes
+# the same path, so results repeat bit for bit (a resumed embed equals an uninterrupted one).
+MIN_ROWS = 512
 _local = threading.local()
 
 
@@ -43,11 +43,7 @@ _local = threading.local()
 def forward_scope(x: torch.Tensor):
     """Decides once per encoder forward, from its input ``x``, whether the fused kernels may run in it."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    key = (rows, x.dtype)
-    allow = rows >= MIN_ROWS_FIRST_SEEN or key in _seen
-    if len(_seen) > 4096:  # bounded, like oneDNN's own primitive cache (1024 entries by default)
-        _seen.clear()
-    _seen.add(key)
+    allow = rows >= MIN_ROWS
     before = getattr(_local, "allow", True)
     _local.allow = allow
     try:
