@@ -6,8 +6,10 @@ qint8 ONNX), CTranslate2 int8, fastembed, and bertkit fp32 / bf16 / int8, on the
 
 The anchors live in their own venv (./.venv-bench, made on first use with `--venv`): installing optimum
 changes transformers, which must never touch the project's .venv. bertkit runs in that venv too, from this
-source tree (it needs only torch, tokenizers, numpy, safetensors and tqdm at run time), so all engines share
-one process and run interleaved round by round (the machine's speed drifts; ratios within a round are fair).
+source tree (it needs only torch, tokenizers, numpy, safetensors and tqdm at run time). Each engine runs in its
+own process (one engine's runtime threads -- onnxruntime's spinning pool, CTranslate2's OpenMP -- slowed the
+others' small ops up to 10x when they shared one), all loaded at once and run in turns, interleaved round by
+round (the machine's speed drifts; ratios within a round are fair).
 
 Per length bucket (random words; short 3-30, medium 30-100, long 300+ words truncated at 256 tokens, mixed
 5-250): throughput at batch 32 and 128 (texts/s and the ratio to sentence-transformers' torch fp32), accuracy
@@ -149,49 +151,39 @@ def worker_main(args) -> None:
         texts = make_texts(cache / "model" / "vocab.txt", args.n, "mixed", 0)
         encode(texts, 32)  # so peak RSS includes a real batch
         return
-    engines, skipped = {}, {}
-    for name in args.engines:
-        try:
-            engines[name] = load_engine(name, cache, args.threads)
-        except RuntimeError as err:
-            skipped[name] = str(err)
-    results = {"skipped": skipped, "throughput": {}, "accuracy": {}, "latency": {}}
+    # "serve": one engine in its own process, timed on the parent's command (one JSON line each way), so no
+    # engine's runtime threads (onnxruntime's spinning pool, CTranslate2's OpenMP) share a process with another's.
+    try:
+        encode = load_engine(args.engine, cache, args.threads)
+    except RuntimeError as err:
+        print(json.dumps({"skipped": str(err)}), flush=True)
+        return
     vocab = cache / "model" / "vocab.txt"
-    for bucket in args.buckets:
-        texts = make_texts(vocab, args.n, bucket, 0)
-        for bs in args.batch_sizes:
-            times = {name: [] for name in engines}
-            for r in range(args.rounds):
-                names = list(engines)
-                names = names[r % len(names):] + names[: r % len(names)]  # rotate the order each round
-                for name in names:
-                    engines[name](texts[:8], bs)  # warm-up
-                    start = time.perf_counter()
-                    engines[name](texts, bs)
-                    times[name].append(time.perf_counter() - start)
-            results["throughput"][f"{bucket}/{bs}"] = times
-        ref = engines["st_torch"](texts, 32)
-        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-        queries = min(50, len(texts) // 4)
-        ref_top = np.argsort(-(ref[:queries] @ ref.T), axis=1)[:, 1:11]
-        for name, encode in engines.items():
-            emb = encode(texts, 32)
-            emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-            cos = (emb * ref).sum(1)
-            top = np.argsort(-(emb[:queries] @ emb.T), axis=1)[:, 1:11]
-            overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)])
-            results["accuracy"].setdefault(bucket, {})[name] = [float(cos.min()), float(cos.mean()), float(overlap)]
-    texts = make_texts(vocab, args.latency_calls, "mixed", 1)
-    for name, encode in engines.items():
-        encode(texts[:3], 1)
-        lat = []
-        for text in texts:
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "time":
+            texts = make_texts(vocab, cmd["n"], cmd["bucket"], 0)
+            encode(texts[:8], cmd["bs"])  # warm-up
             start = time.perf_counter()
-            encode([text], 1)
-            lat.append((time.perf_counter() - start) * 1e3)
-        lat.sort()
-        results["latency"][name] = [lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.95))]]
-    print(json.dumps(results))
+            encode(texts, cmd["bs"])
+            reply = {"t": time.perf_counter() - start}
+        elif cmd["op"] == "embed":
+            emb = encode(make_texts(vocab, cmd["n"], cmd["bucket"], 0), 32)
+            reply = {"emb": np.asarray(emb, dtype=np.float32).tobytes().hex(), "dim": int(emb.shape[1])}
+        elif cmd["op"] == "latency":
+            texts = make_texts(vocab, cmd["calls"], "mixed", 1)
+            encode(texts[:3], 1)
+            lat = []
+            for text in texts:
+                start = time.perf_counter()
+                encode([text], 1)
+                lat.append((time.perf_counter() - start) * 1e3)
+            lat.sort()
+            reply = {"lat": [lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.95))]]}
+        else:
+            return
+        print(json.dumps(reply), flush=True)
 
 
 # ------------------------------------------------------------------------------------- parent side
@@ -248,6 +240,82 @@ def cold_start(python: Path, engine: str, args) -> tuple[float, float] | str:
     return json.loads(out.splitlines()[-1])["ready"] - start, usage.ru_maxrss / 1024
 
 
+class Worker:
+    """One engine in its own process (``--worker serve``), driven one JSON command at a time."""
+
+    def __init__(self, python: Path, name: str, args):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+        self.proc = subprocess.Popen([str(python), __file__, "--worker", "serve", "--engine", name, "--cache",
+                                      args.cache, "--threads", str(args.threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+        self.hello = self._read(name)
+
+    def _read(self, name: str) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"the {name} worker died; rerun with that engine alone to see its error")
+        while not line.startswith("{"):  # an engine's own chatter on stdout
+            line = self.proc.stdout.readline()
+        return json.loads(line)
+
+    def ask(self, name: str, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read(name)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def run_engines(python: Path, args) -> dict:
+    """Every engine in its own process, all loaded at once and run in turns (rotated each round; only one runs
+    at a time, and a 0.3 s pause after each lets spinning runtime threads go idle)."""
+    import numpy as np
+
+    workers, skipped = {}, {}
+    for name in args.engines:
+        worker = Worker(python, name, args)
+        if "skipped" in worker.hello:
+            skipped[name] = worker.hello["skipped"]
+            worker.close()
+        else:
+            workers[name] = worker
+    results = {"skipped": skipped, "throughput": {}, "accuracy": {}, "latency": {}}
+    try:
+        for bucket in args.buckets:
+            for bs in args.batch_sizes:
+                times = {name: [] for name in workers}
+                for r in range(args.rounds):
+                    names = list(workers)
+                    for name in names[r % len(names):] + names[: r % len(names)]:
+                        times[name].append(workers[name].ask(name, op="time", bucket=bucket, n=args.n, bs=bs)["t"])
+                        time.sleep(0.3)
+                results["throughput"][f"{bucket}/{bs}"] = times
+            embs = {}
+            for name, worker in workers.items():
+                reply = worker.ask(name, op="embed", bucket=bucket, n=args.n)
+                emb = np.frombuffer(bytes.fromhex(reply["emb"]), dtype=np.float32).reshape(-1, reply["dim"])
+                embs[name] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            ref = embs["st_torch"]
+            queries = min(50, len(ref) // 4)
+            ref_top = np.argsort(-(ref[:queries] @ ref.T), axis=1)[:, 1:11]
+            for name, emb in embs.items():
+                cos = (emb * ref).sum(1)
+                top = np.argsort(-(emb[:queries] @ emb.T), axis=1)[:, 1:11]
+                overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)])
+                results["accuracy"].setdefault(bucket, {})[name] = [float(cos.min()), float(cos.mean()),
+                                                                    float(overlap)]
+        for name, worker in workers.items():
+            results["latency"][name] = worker.ask(name, op="latency", calls=args.latency_calls)["lat"]
+            time.sleep(0.3)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return results
+
+
 def report(results: dict, args) -> None:
     flags = isa_line()
     names = [n for n in args.engines if n not in results["skipped"]]
@@ -298,7 +366,7 @@ def main() -> None:
                         help="engines to run (st_torch, the reference, is always run)")
     parser.add_argument("--buckets", nargs="+", choices=list(BUCKETS), default=list(BUCKETS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
-    parser.add_argument("--worker", choices=["all", "cold"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["serve", "cold"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -312,14 +380,7 @@ def main() -> None:
     args.cache = str(venv / "cache")
     prepare_models(python, Path(args.cache))
     print(isa_line(), file=sys.stderr)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run([str(python), __file__, "--worker", "all", "--cache", args.cache, "--threads",
-                           str(args.threads), "--n", str(args.n), "--rounds", str(args.rounds), "--latency-calls",
-                           str(args.latency_calls), "--engines", *args.engines, "--buckets", *args.buckets,
-                           "--batch-sizes", *map(str, args.batch_sizes)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"the benchmark worker failed:\n{proc.stderr[-3000:]}")
-    results = json.loads(proc.stdout.splitlines()[-1])
+    results = run_engines(python, args)
     report(results, args)
     cold = {} if args.no_cold else report_cold(python, [n for n in args.engines if n not in results["skipped"]], args)
     if args.json:
