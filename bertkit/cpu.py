@@ -4,6 +4,7 @@ VNNI and BF16, AMX), so no fast path is chosen by a build flag or a guess."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 # The x86 flags that decide bertkit's CPU paths (Linux /proc/cpuinfo names), and aarch64's bf16.
@@ -12,7 +13,14 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_b
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS).
+
+    ``BERTKIT_CPU_FLAGS`` (space- or comma-separated, e.g. ``"avx2 fma"``) replaces them: to see which paths
+    bertkit picks on another CPU, together with ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2``,
+    which make oneDNN and PyTorch use that CPU's kernels (``benchmarks/cpu_engines.py --emulate-avx2``)."""
+    override = os.environ.get("BERTKIT_CPU_FLAGS")
+    if override is not None:
+        return frozenset(override.replace(",", " ").lower().split())
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:

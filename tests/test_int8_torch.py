@@ -218,3 +218,18 @@ def test_sentence_encoder_int8_default_is_torch_on_this_cpu_and_close_to_fp32():
     # move a value across an int8 rounding boundary: the embedding then moves by far less than int8's own error.
     assert _cosine(encoder.encode(held_out[7:8], convert_to_numpy=False), got[7:8]).item() > 0.99999
 
+
+
+def test_cpu_flags_override_picks_the_avx2_backend(monkeypatch):
+    from bertkit import cpu
+    from bertkit.quant.int8 import default_backend
+
+    monkeypatch.setenv("BERTKIT_CPU_FLAGS", "avx2, fma")
+    cpu.cpu_flags.cache_clear()
+    try:
+        assert cpu.cpu_flags() == frozenset({"avx2", "fma"})
+        assert not cpu.native_bf16()
+        assert default_backend() == "onnxruntime-dynamic"
+    finally:
+        monkeypatch.delenv("BERTKIT_CPU_FLAGS")
+        cpu.cpu_flags.cache_clear()
