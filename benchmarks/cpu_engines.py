@@ -97,7 +97,10 @@ def load_engine(name: str, cache: Path, threads: int):
         if name == "st_torch":
             st = SentenceTransformer(str(model), device="cpu")
         else:
-            file = "onnx/model.onnx" if name == "st_onnx" else f"onnx/model_qint8_{st_quant_config()}.onnx"
+            # export_dynamic_quantized_onnx_model names it model_qint8_<config>.onnx, or model_quint8_avx2.onnx
+            file = "onnx/model.onnx" if name == "st_onnx" else next(
+                (f"onnx/{p.name}" for p in sorted((model / "onnx").glob(f"model_*int8_{st_quant_config()}.onnx"))),
+                f"onnx/model_qint8_{st_quant_config()}.onnx")
             st = SentenceTransformer(str(model), device="cpu", backend="onnx", model_kwargs={"file_name": file})
         return lambda texts, bs: st.encode(texts, batch_size=bs, convert_to_numpy=True)
     if name == "ct2_int8":
@@ -223,11 +226,11 @@ def prepare_models(python: Path, cache: Path) -> None:
         if source is None:
             sys.exit("the bundled model is not installed: run `make install` first")
         shutil.copytree(source, model)
-    qint8 = model / "onnx" / f"model_qint8_{st_quant_config()}.onnx"
-    if not qint8.exists():
-        code = ("import sys; from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model\n"
+    if not list((model / "onnx").glob(f"model_*int8_{st_quant_config()}.onnx")):
+        code = ("import os, sys; from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model\n"
+                "exported = os.path.exists(os.path.join(sys.argv[1], 'onnx', 'model.onnx'))\n"
                 "st = SentenceTransformer(sys.argv[1], backend='onnx')\n"  # exports onnx/model.onnx if missing
-                "st.save_pretrained(sys.argv[1])\n"
+                "if not exported: st.save_pretrained(sys.argv[1])\n"  # (saving over the loaded file fails)
                 "export_dynamic_quantized_onnx_model(st, sys.argv[2], sys.argv[1])\n")
         subprocess.run([str(python), "-c", code, str(model), st_quant_config()], check=True)
     if not (cache / "ct2" / "model.bin").exists():
