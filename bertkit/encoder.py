@@ -24,6 +24,7 @@ import torch
 from tokenizers import normalizers
 
 from .models import BertModel
+from .nn.padding import right_pad
 from .tokenizer import BUNDLED_PACKAGE, INSTALL_HINT, Tokenizer, bundled_model_dir, read_json  # noqa: F401
 
 # Pooling modes we implement, in the order sentence-transformers concatenates them when a legacy
@@ -384,12 +385,7 @@ class SentenceEncoder:
             hidden = base.forward_packed(torch.from_numpy(flat).to(device), counts.tolist())
             return self._pool_packed(hidden, counts, normalize)
         width = int(counts.max())
-        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for r, row in enumerate(ids):
-            input_ids[r, :len(row)] = row
-            mask[r, :len(row)] = 1
-        input_ids, mask = torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
+        input_ids, mask = (t.to(device) for t in right_pad(ids, self.tokenizer.pad_token_id))
         # A batch without padding (one text, or texts of one length) has nothing to unpad: the padded path
         # is the same computation without the index round trip (8% of a batch-1 call on CPU).
         extra = {"unpad": True} if unpad and int(counts.min()) < width else {}

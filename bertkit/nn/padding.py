@@ -25,6 +25,18 @@ def _varlen_attn():
     return varlen_attn
 
 
+def right_pad(rows, value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ``(ids, mask)``: ``(len(rows), width)`` int64 CPU tensors, ``ids`` right-padded with ``value``,
+    ``mask`` 1 on real tokens (``width`` defaults to the longest row)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max(initial=0)) if width is None else width
+    ids = np.full((len(rows), width), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :lengths[i]] = row
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
 def unpad_indices(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(B, L)`` 0/1 mask -> (flat indices of kept tokens, cu_seqlens ``(B+1,)`` int32, longest length)."""
     keep = attention_mask.bool()

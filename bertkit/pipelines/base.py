@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import BertConfig
+from ..nn.padding import right_pad
 from ..tokenizer import Tokenizer
 from . import PipelineError
 
@@ -183,16 +184,9 @@ def run_rows(model: torch.nn.Module, rows: Sequence[Row], pad_id: int, head: Cal
         return []
     device = next(model.parameters()).device
     lengths = [len(r.input_ids) for r in rows]
-    width = max(lengths)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    types = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, :lengths[i]] = row.input_ids
-        types[i, :lengths[i]] = row.token_type_ids
-        mask[i, :lengths[i]] = 1
-    outputs = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
-                    token_type_ids=torch.from_numpy(types).to(device))
+    ids, mask = right_pad([r.input_ids for r in rows], pad_id)
+    types, _ = right_pad([r.token_type_ids for r in rows], 0)
+    outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device))
     result = (head(outputs) if head is not None else outputs.logits).float().cpu()
     if per_token:
         return [result[i, :lengths[i]] for i in range(len(rows))]

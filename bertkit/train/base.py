@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as RustTokenizer
 
+from ..nn.padding import right_pad
+
 
 def rust_tokenizer(tokenizer, max_length: int | None = None, stride: int = 0,
                    strategy: str = "longest_first") -> RustTokenizer:
@@ -33,11 +35,7 @@ def rust_tokenizer(tokenizer, max_length: int | None = None, stride: int = 0,
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> torch.Tensor:
     """Right-pads int lists into a (len(rows), width) long tensor."""
-    width = width or max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
+    return right_pad(rows, value, width or None)[0]
 
 
 class Task:
